@@ -1,0 +1,42 @@
+"""Alembic, driven from code: `lethe db upgrade`, start-up migration, and the drift check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+
+import migrations
+from app.core.db import make_engine, normalise_url
+
+SCRIPT_LOCATION = Path(migrations.__file__).parent
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    # '%' is Alembic's interpolation character; URLs may contain it (encoded passwords).
+    config.set_main_option("sqlalchemy.url", normalise_url(database_url).replace("%", "%%"))
+    return config
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    command.upgrade(alembic_config(database_url), revision)
+
+
+def drift(database_url: str) -> list[Any]:
+    """Differences between the migrated schema and the ORM (empty when they agree)."""
+    from app.tables import metadata
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True, "render_as_batch": True})
+            return list(compare_metadata(context, metadata))
+    finally:
+        engine.dispose()

@@ -1,0 +1,69 @@
+"""The control plane's calls into the unlearning engine, for validating what clients register.
+
+Kept in one place so the API layer's dependency on the engine is visible and small."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def method_names() -> set[str]:
+    from unlearning.methods import METHODS
+
+    return set(METHODS)
+
+
+def check_method_config(method: str, config: dict[str, Any]) -> None:
+    """Raise ValueError unless ``config`` only sets fields the method's Config has."""
+    from unlearning.methods import METHODS
+
+    try:
+        METHODS[method].Config(**config)
+    except TypeError as exc:
+        raise ValueError(f"method_config for {method!r}: {exc}") from None
+
+
+def check_training_recipe(recipe: dict[str, Any]) -> None:
+    from unlearning.training import Recipe
+
+    try:
+        Recipe(**recipe)
+    except TypeError as exc:
+        raise ValueError(f"training_recipe: {exc}") from None
+
+
+def check_architecture(spec: dict[str, Any], allowed_factories: list[str]) -> None:
+    """Build the architecture once to prove the spec is valid; raise ValueError if not.
+
+    ``module:factory`` specs import code, so over the API only modules the operator listed in
+    LETHE_MODEL_FACTORY_MODULES are accepted."""
+    from unlearning.architectures import build_model
+
+    try:
+        build_model(spec, allowed_modules=allowed_factories)
+    except ValueError:
+        raise
+    except Exception as exc:  # a factory that fails to build is the spec's fault too
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
+def check_weights_file(path: Path, spec: dict[str, Any]) -> None:
+    """Raise ValueError unless ``path`` is a safetensors file whose tensors fit ``spec`` and
+    that loads: the engine's check reads the header alone, so a file whose tensor bytes are
+    missing or whose offsets point past its end would pass it, become a version, and fail only
+    when served. safetensors' own parser checks the offsets against the file (memory-mapped;
+    no tensor is read and nothing is executed)."""
+    from safetensors import safe_open
+
+    from unlearning.weights import check_weights_file as check
+
+    try:
+        check(path, spec)
+        with safe_open(str(path), framework="pt"):
+            pass
+    except ValueError:
+        raise
+    except Exception as exc:  # a header built to break the parser is the file's fault too
+        raise ValueError(f"not a loadable safetensors file: {type(exc).__name__}: {exc}"
+                         ) from None

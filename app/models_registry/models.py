@@ -1,0 +1,178 @@
+"""The model registry (MLflow-shaped): models, their numbered versions and aliases."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.audit.models import JSONType
+from app.core.db import Base, UTCDateTime, utcnow
+from app.datasets.models import NAME_PATTERN
+
+PRODUCTION = "production"
+
+
+class VersionStatus(StrEnum):
+    candidate = "candidate"  # uploaded or produced, not (yet) served
+    published = "published"  # the version the production alias points to
+    rejected = "rejected"  # failed verification: never served
+    superseded = "superseded"  # was published; still holds data erased since
+    purged = "purged"  # superseded and its weights deleted
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    architecture: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"), index=True)
+    policy: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    artifact_uri: Mapped[str | None] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    verification_report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # The job that produced it. Not a foreign key: jobs point at their base version, and a
+    # cycle of constraints cannot be created on SQLite.
+    job_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    superseded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ModelAlias(Base):
+    __tablename__ = "model_aliases"
+
+    model_id: Mapped[int] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    alias: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+# ---- policy: how a model's deletion requests are batched, unlearned and verified ----------
+
+
+class BatchingPolicy(BaseModel):
+    max_batch: int = Field(default=32, ge=1, le=10_000,
+                           description="Flush a batch when this many requests wait.")
+    max_wait_seconds: int = Field(default=600, ge=0, le=30 * 86400,
+                                  description="Flush when the oldest request waited this long.")
+    due_soon_hours: int = Field(default=72, ge=0, le=24 * 90,
+                                description="Flush at once when a request is due this soon.")
+
+
+class VerificationPolicy(BaseModel):
+    min_indiscernibility: float = Field(
+        default=0.9, ge=0, le=1,
+        description="1 - |MIA accuracy - 0.5| / 0.5 on forget vs. holdout must reach this.")
+    max_test_accuracy_drop: float = Field(
+        default=0.02, ge=0, le=1, description="Absolute drop against the base version.")
+    max_forget_class_accuracy: float = Field(default=0.05, ge=0, le=1)
+    max_attack_success_rate: float = Field(default=0.10, ge=0, le=1)
+    min_ks_pvalue: float = Field(
+        default=0.01, ge=0, le=1,
+        description="Per-sample test: forget losses must look like holdout losses.")
+
+
+class EscalationPolicy(BaseModel):
+    stronger_attempt: bool = Field(default=True,
+                                   description="Retry once with stronger method settings.")
+    allow_retrain: bool = Field(default=True,
+                                description="Then retrain from scratch on the retain set.")
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(default="match", examples=["match"])
+    method_config: dict[str, Any] = Field(default_factory=dict,
+                                          description="Overrides of the method's defaults.")
+    due_days: int = Field(default=30, ge=1, le=90,
+                          description="Days from receipt to the legal deadline.")
+    require_approval: bool = False
+    batching: BatchingPolicy = Field(default_factory=BatchingPolicy)
+    verification: VerificationPolicy = Field(default_factory=VerificationPolicy)
+    escalation: EscalationPolicy = Field(default_factory=EscalationPolicy)
+    max_attempts: int = Field(default=3, ge=1, le=20,
+                              description="Deliveries of a job before its targets fail.")
+    grace_days: int = Field(default=0, ge=0, le=365,
+                            description="Days a superseded version's weights are kept.")
+    training_recipe: dict[str, Any] = Field(
+        default_factory=dict, examples=[{"epochs": 30, "lr": 0.05, "batch_size": 128}],
+        description="How the original was trained; `retrain` (the last escalation) uses it.")
+
+
+class ArchitectureSpec(BaseModel):
+    name: str = Field(examples=["cnn-small"],
+                      description="A built-in architecture, or `module:factory`.")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   examples=[{"in_channels": 1, "num_classes": 10}])
+
+
+class ModelCreate(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN, examples=["fashion-classifier"])
+    architecture: ArchitectureSpec
+    dataset: str = Field(examples=["fashion-mnist"])
+    policy: Policy = Field(default_factory=Policy)
+
+
+class ModelPolicyUpdate(BaseModel):
+    policy: Policy
+
+
+class ModelRead(BaseModel):
+    name: str
+    architecture: ArchitectureSpec
+    dataset: str
+    policy: Policy
+    aliases: dict[str, int] = Field(description="Alias -> version number.")
+    created_at: datetime
+
+
+class VersionRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    number: int
+    parent: int | None = None
+    status: VersionStatus
+    sha256: str
+    size_bytes: int
+    metrics: dict[str, Any]
+    verification_report: dict[str, Any] | None
+    job_id: str | None
+    created_at: datetime
+    published_at: datetime | None
+    superseded_at: datetime | None
+    purged_at: datetime | None
+
+
+class AliasUpdate(BaseModel):
+    version: int = Field(ge=1, examples=[3])
+
+
+class AliasRead(BaseModel):
+    model: str
+    alias: str
+    version: int

@@ -1,0 +1,596 @@
+"""The deletion-request lifecycle: intake, target resolution, every state transition, queries.
+
+Every transition happens here, sets its timestamp and writes its audit event in the same
+transaction. Routes and Celery tasks call these functions; they never set a status themselves.
+
+    received -> queued -> processing -> verifying -> completed
+        |   \\-> awaiting_approval -> queued | rejected (denied)
+        |          \\-> canceled (before processing)       \\-> failed -> queued (retry)
+        \\-> rejected (nothing held: outcome no_data)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.orm import Session
+
+from app.audit import service as audit
+from app.auth.models import Role
+from app.auth.service import Principal
+from app.core.db import utcnow
+from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable, UnstorableValue
+from app.core.security import subject_hash
+from app.datasets.models import Sample
+from app.models_registry.models import Model, ModelVersion, Policy
+from app.observability.request_id import get_request_id
+from app.requests.models import (
+    OPEN,
+    BackdoorRequest,
+    ClassRequest,
+    DeletionRequest,
+    DeletionRequestRead,
+    DeletionTarget,
+    Outcome,
+    RequestKind,
+    RequestStatus,
+    SamplesRequest,
+    SubjectRequest,
+    TargetRead,
+    TargetStatus,
+)
+from app.webhooks import service as webhooks
+
+DEFAULT_DUE_DAYS = 30
+SCENARIO_OF_KIND = {RequestKind.subject: "subset", RequestKind.samples: "subset",
+                    RequestKind.class_: "class", RequestKind.backdoor: "backdoor"}
+# Open targets, least advanced first: a request is as far along as its slowest target.
+TARGET_PROGRESS = [TargetStatus.awaiting_approval, TargetStatus.queued, TargetStatus.processing,
+                   TargetStatus.verifying]
+CANCELABLE_TARGETS = {TargetStatus.awaiting_approval.value, TargetStatus.queued.value}
+CANCELABLE_REQUESTS = {RequestStatus.received.value, RequestStatus.awaiting_approval.value,
+                       RequestStatus.queued.value}
+# The request-level transitions the lifecycle allows; anything else is a 409.
+ALLOWED = {
+    RequestStatus.received: {RequestStatus.queued, RequestStatus.awaiting_approval,
+                             RequestStatus.rejected, RequestStatus.canceled},
+    RequestStatus.awaiting_approval: {RequestStatus.queued, RequestStatus.rejected,
+                                      RequestStatus.canceled},
+    RequestStatus.queued: {RequestStatus.processing, RequestStatus.canceled,
+                           RequestStatus.completed, RequestStatus.failed},
+    RequestStatus.processing: {RequestStatus.verifying, RequestStatus.queued,
+                               RequestStatus.failed, RequestStatus.completed},
+    RequestStatus.verifying: {RequestStatus.completed, RequestStatus.failed,
+                              RequestStatus.processing, RequestStatus.queued},
+    RequestStatus.failed: {RequestStatus.queued, RequestStatus.processing,
+                           RequestStatus.completed},
+    RequestStatus.completed: set(),
+    RequestStatus.canceled: set(),
+    RequestStatus.rejected: set(),
+}
+AnyCreate = SubjectRequest | SamplesRequest | ClassRequest | BackdoorRequest
+
+
+@dataclass(frozen=True)
+class ModelInScope:
+    name: str
+    policy: Policy
+
+
+@dataclass
+class Resolution:
+    """Which models a request applies to, and how many samples of each it covers."""
+
+    counts: dict[int, int] = field(default_factory=dict)  # model id -> samples
+    models: dict[int, ModelInScope] = field(default_factory=dict)  # the same model ids
+    details: dict[str, Any] = field(default_factory=dict)
+    subscribed: bool = True  # whether the client has active webhooks (True when unknown)
+
+
+# ---- intake ---------------------------------------------------------------------------
+
+
+def fingerprint(body: AnyCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def coverage(kind: RequestKind, subject: str | None, payload: dict[str, Any]
+             ) -> ColumnElement[bool]:
+    """The samples a request covers that are still held, as a SQL condition: used to count
+    them at intake and to load them when the job runs."""
+    held = Sample.forgotten_at.is_(None)
+    if kind == RequestKind.subject:
+        return and_(held, Sample.subject_hash == subject)
+    if kind == RequestKind.class_:
+        # A class is forgotten from the training data; its test images stay to measure it.
+        return and_(held, Sample.label == payload["class_label"], Sample.split == "train")
+    return and_(held, Sample.sample_key.in_(payload["sample_keys"]))
+
+
+def _resolve(db_session: Session, body: AnyCreate, subject: str | None, client_id: str
+             ) -> Resolution:
+    """The models in scope with their policies, the samples each holds that the request
+    covers and whether the client has webhooks to notify, in one query: intake is the hot
+    path, and every query is a round trip."""
+    kind, payload = RequestKind(body.kind), _payload(body)
+    held = (select(func.count()).where(Sample.dataset_id == Model.dataset_id,
+                                       coverage(kind, subject, payload))
+            .correlate(Model).scalar_subquery())
+    query = select(Model.id, Model.name, Model.dataset_id, Model.policy, held,
+                   webhooks.active_subscriptions(client_id))
+    if body.model is not None:
+        query = query.where(Model.name == body.model)
+    rows = db_session.execute(query).all()
+    if body.model is not None and not rows:
+        raise Unprocessable(f"Model {body.model!r} does not exist.")
+    resolution = Resolution(subscribed=not rows or rows[0][5] > 0)
+    for model_id, name, _, policy, count, _ in rows:
+        if count:
+            resolution.counts[model_id] = count
+            resolution.models[model_id] = ModelInScope(name, Policy.model_validate(policy))
+    if isinstance(body, SamplesRequest | BackdoorRequest) and rows:
+        datasets = {row.dataset_id for row in rows}
+        found = set(db_session.scalars(select(Sample.sample_key).where(
+            Sample.dataset_id.in_(datasets), coverage(kind, subject, payload))))
+        missing = set(body.sample_keys) - found
+        if missing:
+            resolution.details["missing_sample_keys"] = sorted(missing)[:100]
+            resolution.details["missing_count"] = len(missing)
+    return resolution
+
+
+def samples_covered(db_session: Session, *, request: DeletionRequest, dataset_id: int
+                    ) -> list[Sample]:
+    return list(db_session.scalars(select(Sample).where(
+        Sample.dataset_id == dataset_id,
+        coverage(RequestKind(request.kind), request.subject_hash, request.payload))
+        .order_by(Sample.id)))
+
+
+def _payload(body: AnyCreate) -> dict[str, Any]:
+    return body.model_dump(mode="json", exclude={"kind", "model", "subject_ref"})
+
+
+def create(
+    db_session: Session, *, principal: Principal, body: AnyCreate,
+    idempotency_key: str | None, secret_key: bytes,
+) -> tuple[DeletionRequest, bool]:
+    """Record a request and route it: queued, awaiting approval, or closed as ``no_data``.
+
+    Returns the request and whether it is a replay of an earlier one with the same
+    Idempotency-Key and body."""
+    request, _, replayed = _create(db_session, principal, body, idempotency_key, secret_key)
+    return request, replayed
+
+
+def submit(
+    db_session: Session, *, principal: Principal, body: AnyCreate,
+    idempotency_key: str | None, secret_key: bytes,
+) -> tuple[DeletionRequestRead, bool]:
+    """``create``, answered as the API shows it. A new request is shown from what intake
+    wrote, without reading it back; a replay is read, its targets may have moved on."""
+    request, targets, replayed = _create(db_session, principal, body, idempotency_key,
+                                         secret_key)
+    if targets is None:
+        return to_read(db_session, [request])[0], replayed
+    return _read_model(request, targets, utcnow()), replayed
+
+
+def _create(
+    db_session: Session, principal: Principal, body: AnyCreate, idempotency_key: str | None,
+    secret_key: bytes,
+) -> tuple[DeletionRequest, list[TargetRead] | None, bool]:
+    body_fingerprint = fingerprint(body)
+    try:
+        request, targets = _intake(db_session, principal, body, idempotency_key,
+                                   body_fingerprint, secret_key)
+        db_session.commit()
+    except (IntegrityError, Unprocessable):
+        # The key is looked up only when intake fails, not before every request: the unique
+        # constraint fired because another request with this key is committed (now or in a
+        # race), or its body no longer resolves (its model is gone). Answer with that request.
+        db_session.rollback()
+        existing = (_by_idempotency_key(db_session, principal.client_id, idempotency_key)
+                    if idempotency_key is not None else None)
+        if existing is None:
+            raise
+        return _replay(existing, body_fingerprint), None, True
+    except DataError as exc:  # a value PostgreSQL cannot store: this item's problem alone
+        db_session.rollback()
+        raise UnstorableValue.from_error(exc) from None
+    return request, targets, False
+
+
+def _by_idempotency_key(db_session: Session, client_id: str, key: str
+                        ) -> DeletionRequest | None:
+    return db_session.scalar(select(DeletionRequest).where(
+        DeletionRequest.client_id == client_id, DeletionRequest.idempotency_key == key))
+
+
+def _replay(existing: DeletionRequest, body_fingerprint: str) -> DeletionRequest:
+    if existing.fingerprint != body_fingerprint:
+        raise Conflict("This Idempotency-Key was already used with a different body.",
+                       request_id=existing.id)
+    return existing
+
+
+def _intake(db_session: Session, principal: Principal, body: AnyCreate,
+            idempotency_key: str | None, body_fingerprint: str, secret_key: bytes
+            ) -> tuple[DeletionRequest, list[TargetRead]]:
+    """The request, its targets and its first transition, written in one flush at commit
+    (the unique idempotency key is checked there). Returns the request and its targets as
+    the API shows them."""
+    now = utcnow()
+    subject = (subject_hash(secret_key, body.subject_ref)
+               if isinstance(body, SubjectRequest) else None)
+    resolution = _resolve(db_session, body, subject, principal.client_id)
+    due_days = min((m.policy.due_days for m in resolution.models.values()),
+                   default=DEFAULT_DUE_DAYS)
+    request = DeletionRequest(
+        id=str(uuid.uuid4()), client_id=principal.client_id, api_key_id=principal.key_id,
+        kind=body.kind, subject_hash=subject, payload={**_payload(body), **resolution.details},
+        model_scope=body.model, idempotency_key=idempotency_key, fingerprint=body_fingerprint,
+        trace_id=get_request_id(), status=RequestStatus.received.value, received_at=now,
+        updated_at=now,
+        due_at=now + timedelta(days=due_days),
+    )
+    db_session.add(request)
+    _audit(db_session, request, principal.actor, "received", {"kind": body.kind})
+    if not resolution.counts:
+        request.outcome = Outcome.no_data.value
+        request.reason = "No model holds data this request covers."
+        _transition(db_session, request, RequestStatus.rejected, principal.actor, now=now,
+                    subscribed=resolution.subscribed)
+        return request, []
+    scenario = SCENARIO_OF_KIND[RequestKind(body.kind)]
+    if isinstance(body, ClassRequest):  # one class per job: the engine forgets one at a time
+        scenario = f"class:{body.class_label}"
+    targets = []
+    for model_id, count in resolution.counts.items():
+        needs_approval = resolution.models[model_id].policy.require_approval
+        status = TargetStatus.awaiting_approval if needs_approval else TargetStatus.queued
+        targets.append(DeletionTarget(
+            request_id=request.id, model_id=model_id, status=status.value, scenario=scenario,
+            sample_count=count, queued_at=None if needs_approval else now, updated_at=now))
+    db_session.add_all(targets)  # flushed in this order, the order to_read lists them in
+    # What sync_status would read back from the targets just written.
+    request_status, outcome = derive_status(t.status for t in targets)
+    request.outcome = outcome.value if outcome else None
+    _transition(db_session, request, request_status, principal.actor, now=now,
+                subscribed=resolution.subscribed)
+    return request, [TargetRead(model=resolution.models[t.model_id].name,
+                                status=TargetStatus(t.status), scenario=t.scenario,
+                                sample_count=t.sample_count, job_id=None, version=None,
+                                failure_reason=None) for t in targets]
+
+
+# ---- transitions --------------------------------------------------------------------------
+
+
+def _audit(db_session: Session, request: DeletionRequest, actor: str, what: str,
+           details: dict[str, Any] | None = None) -> None:
+    audit.record(db_session, actor=actor, action=f"deletion_request.{what}",
+                 entity_type="deletion_request", entity_id=request.id, details=details or {})
+
+
+def _transition(db_session: Session, request: DeletionRequest, to: RequestStatus, actor: str,
+                *, now: datetime | None = None, details: dict[str, Any] | None = None,
+                subscribed: bool = True) -> None:
+    current = RequestStatus(request.status)
+    if to == current:
+        return
+    if to not in ALLOWED[current]:
+        raise Conflict(f"A {current.value} request cannot become {to.value}.",
+                       current_status=current.value)
+    now = now or utcnow()
+    request.status = to.value
+    request.updated_at = now
+    setattr(request, f"{to.value}_at", now)
+    _audit(db_session, request, actor, to.value, {"from": current.value, **(details or {})})
+    webhooks.enqueue(db_session, client_id=request.client_id,
+                     event=f"deletion_request.{to.value}",
+                     payload={"id": request.id, "status": to.value, "outcome": request.outcome,
+                              "previous_status": current.value, "at": now.isoformat()},
+                     subscribed=subscribed)
+
+
+def targets_of(db_session: Session, request_id: str) -> list[DeletionTarget]:
+    return list(db_session.scalars(select(DeletionTarget).where(
+        DeletionTarget.request_id == request_id).order_by(DeletionTarget.id)))
+
+
+def derive_status(statuses: Iterable[str]) -> tuple[RequestStatus, Outcome | None]:
+    """A request is as far along as its slowest open target; once none is open, its outcome
+    is decided by what its targets ended as."""
+    statuses = [TargetStatus(s) for s in statuses]
+    open_ = [s for s in statuses if s in TARGET_PROGRESS]
+    if open_:
+        slowest = min(open_, key=TARGET_PROGRESS.index)
+        return RequestStatus(slowest.value), None
+    if TargetStatus.failed in statuses:
+        return RequestStatus.failed, Outcome.failed
+    if TargetStatus.completed in statuses:
+        return RequestStatus.completed, Outcome.forgotten
+    if TargetStatus.denied in statuses:
+        return RequestStatus.rejected, Outcome.denied
+    return RequestStatus.canceled, Outcome.canceled
+
+
+def sync_status(db_session: Session, request: DeletionRequest, *, actor: str,
+                now: datetime | None = None, details: dict[str, Any] | None = None) -> None:
+    """Bring a request's status in line with its targets (after targets changed)."""
+    db_session.flush()
+    status, outcome = derive_status(t.status for t in targets_of(db_session, request.id))
+    request.outcome = outcome.value if outcome else None
+    _transition(db_session, request, status, actor, now=now, details=details)
+
+
+def get(db_session: Session, *, request_id: str, principal: Principal) -> DeletionRequest:
+    """A requester sees only its own client's requests; anyone else's is simply not found."""
+    request = db_session.get(DeletionRequest, request_id)
+    if request is None or (principal.role == Role.requester
+                           and request.client_id != principal.client_id):
+        raise NotFound(f"Deletion request {request_id!r} does not exist.")
+    return request
+
+
+def _set_targets(db_session: Session, request: DeletionRequest, *, from_: set[str],
+                 to: TargetStatus, **values: Any) -> int:
+    """Compare-and-set on the targets' status, so a worker picking a target up and a client
+    canceling it cannot both win."""
+    result = db_session.execute(
+        update(DeletionTarget)
+        .where(DeletionTarget.request_id == request.id, DeletionTarget.status.in_(from_))
+        .values(status=to.value, updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False))
+    db_session.expire_all()
+    return result.rowcount
+
+
+def cancel(db_session: Session, *, request: DeletionRequest, actor: str) -> DeletionRequest:
+    if request.status not in CANCELABLE_REQUESTS:
+        raise Conflict(f"A {request.status} request can no longer be canceled; only requests "
+                       "that have not started processing can.", current_status=request.status)
+    targets = targets_of(db_session, request.id)
+    changed = _set_targets(db_session, request, from_=CANCELABLE_TARGETS,
+                           to=TargetStatus.canceled)
+    if changed != len(targets):
+        db_session.rollback()
+        raise Conflict("Processing started meanwhile; the request can no longer be canceled.")
+    request.outcome = Outcome.canceled.value
+    _transition(db_session, request, RequestStatus.canceled, actor)
+    db_session.commit()
+    return request
+
+
+def approve(db_session: Session, *, request: DeletionRequest, actor: str) -> DeletionRequest:
+    if request.status != RequestStatus.awaiting_approval:
+        raise Conflict(f"Only requests awaiting approval can be approved; this one is "
+                       f"{request.status}.", current_status=request.status)
+    now = utcnow()
+    _set_targets(db_session, request, from_={TargetStatus.awaiting_approval.value},
+                 to=TargetStatus.queued, queued_at=now)
+    sync_status(db_session, request, actor=actor, now=now, details={"approved": True})
+    db_session.commit()
+    return request
+
+
+def deny(db_session: Session, *, request: DeletionRequest, reason: str, actor: str
+         ) -> DeletionRequest:
+    if request.status != RequestStatus.awaiting_approval:
+        raise Conflict(f"Only requests awaiting approval can be denied; this one is "
+                       f"{request.status}.", current_status=request.status)
+    _set_targets(db_session, request, from_={TargetStatus.awaiting_approval.value},
+                 to=TargetStatus.denied, failure_reason=reason)
+    request.reason = reason
+    sync_status(db_session, request, actor=actor, details={"reason": reason})
+    db_session.commit()
+    return request
+
+
+def retry(db_session: Session, *, request: DeletionRequest, actor: str) -> DeletionRequest:
+    if request.status != RequestStatus.failed:
+        raise Conflict(f"Only failed requests can be retried; this one is {request.status}.",
+                       current_status=request.status)
+    now = utcnow()
+    _set_targets(db_session, request, from_={TargetStatus.failed.value},
+                 to=TargetStatus.queued, job_id=None, failure_reason=None, queued_at=now)
+    request.reason = None
+    sync_status(db_session, request, actor=actor, now=now, details={"retry": True})
+    db_session.commit()
+    return request
+
+
+# ---- reads ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestFilters:
+    status: list[RequestStatus] | None = None
+    kind: RequestKind | None = None
+    model: str | None = None
+    client_id: str | None = None
+    overdue: bool | None = None
+    received_after: datetime | None = None
+    received_before: datetime | None = None
+
+
+SORT_COLUMNS = {"received_at": DeletionRequest.received_at, "due_at": DeletionRequest.due_at}
+
+
+def _filtered(principal: Principal, filters: RequestFilters, now: datetime
+              ) -> Select[tuple[DeletionRequest]]:
+    query = select(DeletionRequest)
+    client_id = principal.client_id if principal.role == Role.requester else filters.client_id
+    if client_id is not None:
+        query = query.where(DeletionRequest.client_id == client_id)
+    if filters.status:
+        query = query.where(DeletionRequest.status.in_([s.value for s in filters.status]))
+    if filters.kind:
+        query = query.where(DeletionRequest.kind == filters.kind.value)
+    if filters.model:
+        query = query.where(DeletionRequest.id.in_(
+            select(DeletionTarget.request_id).join(Model, Model.id == DeletionTarget.model_id)
+            .where(Model.name == filters.model)))
+    if filters.received_after:
+        query = query.where(DeletionRequest.received_at >= filters.received_after)
+    if filters.received_before:
+        query = query.where(DeletionRequest.received_at < filters.received_before)
+    if filters.overdue is not None:
+        is_overdue = and_(DeletionRequest.due_at < now,
+                          DeletionRequest.status.in_([s.value for s in OPEN]))
+        query = query.where(is_overdue if filters.overdue else ~is_overdue)
+    return query
+
+
+def encode_cursor(sort_value: datetime, request_id: str) -> str:
+    raw = json.dumps([sort_value.isoformat(), request_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value, request_id = json.loads(raw)
+        return datetime.fromisoformat(value), str(request_id)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest("Malformed cursor.") from exc
+
+
+def list_page(
+    db_session: Session, *, principal: Principal, filters: RequestFilters,
+    sort: str = "received_at", descending: bool = True, limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[DeletionRequest], str | None]:
+    """Keyset pagination over (sort column, id): stable while new requests arrive."""
+    column = SORT_COLUMNS[sort]
+    query = _filtered(principal, filters, utcnow())
+    if cursor:
+        value, last_id = decode_cursor(cursor)
+        if descending:
+            query = query.where(or_(column < value, and_(column == value,
+                                                         DeletionRequest.id < last_id)))
+        else:
+            query = query.where(or_(column > value, and_(column == value,
+                                                         DeletionRequest.id > last_id)))
+    order = (column.desc(), DeletionRequest.id.desc()) if descending else (column,
+                                                                           DeletionRequest.id)
+    rows = list(db_session.scalars(query.order_by(*order).limit(limit + 1)))
+    page, more = rows[:limit], len(rows) > limit
+    next_cursor = encode_cursor(getattr(page[-1], sort), page[-1].id) if more else None
+    return page, next_cursor
+
+
+def iter_all(db_session: Session, *, principal: Principal, filters: RequestFilters,
+             sort: str = "received_at", descending: bool = True, chunk: int = 500
+             ) -> Iterable[list[DeletionRequest]]:
+    """Every matching request, a page at a time (for exports)."""
+    cursor: str | None = None
+    while True:
+        page, cursor = list_page(db_session, principal=principal, filters=filters, sort=sort,
+                                 descending=descending, limit=chunk, cursor=cursor)
+        if page:
+            yield page
+        if cursor is None:
+            return
+
+
+def days_left(request: DeletionRequest, now: datetime) -> int | None:
+    if RequestStatus(request.status) not in OPEN:
+        return None
+    return math.ceil((request.due_at - now) / timedelta(days=1))
+
+
+def to_read(db_session: Session, requests: Sequence[DeletionRequest]
+            ) -> list[DeletionRequestRead]:
+    """Read models for a page of requests, with their targets in one query."""
+    ids = [r.id for r in requests]
+    rows = db_session.execute(
+        select(DeletionTarget, Model.name, ModelVersion.number)
+        .join(Model, Model.id == DeletionTarget.model_id)
+        .outerjoin(ModelVersion, ModelVersion.id == DeletionTarget.version_id)
+        .where(DeletionTarget.request_id.in_(ids)).order_by(DeletionTarget.id)) if ids else []
+    targets: dict[str, list[TargetRead]] = {}
+    for target, model_name, version_number in rows:
+        targets.setdefault(target.request_id, []).append(TargetRead(
+            model=model_name, status=TargetStatus(target.status), scenario=target.scenario,
+            sample_count=target.sample_count, job_id=target.job_id, version=version_number,
+            failure_reason=target.failure_reason))
+    now = utcnow()
+    return [_read_model(r, targets.get(r.id, []), now) for r in requests]
+
+
+def _read_model(r: DeletionRequest, targets: list[TargetRead], now: datetime
+                ) -> DeletionRequestRead:
+    left = days_left(r, now)
+    return DeletionRequestRead(
+        id=r.id, client_id=r.client_id, kind=RequestKind(r.kind),
+        status=RequestStatus(r.status), outcome=Outcome(r.outcome) if r.outcome else None,
+        reason=r.reason, model=r.model_scope, payload=r.payload, targets=targets,
+        received_at=r.received_at, due_at=r.due_at, days_left=left,
+        overdue=left is not None and r.due_at < now, queued_at=r.queued_at,
+        processing_at=r.processing_at, verifying_at=r.verifying_at,
+        completed_at=r.completed_at, failed_at=r.failed_at, canceled_at=r.canceled_at,
+        rejected_at=r.rejected_at, updated_at=r.updated_at)
+
+
+# ---- aggregates (the dashboard's overview, the metrics endpoint) ---------------------------
+
+
+def count_by_status(db_session: Session) -> dict[str, int]:
+    """Requests per status, every status present (zero where none)."""
+    counts = {status.value: 0 for status in RequestStatus}
+    rows = db_session.execute(select(DeletionRequest.status, func.count())
+                              .group_by(DeletionRequest.status))
+    counts.update({status: count for status, count in rows})
+    return counts
+
+
+def deadline_counts(db_session: Session, *, now: datetime, soon: timedelta) -> tuple[int, int]:
+    """Open requests past their due date, and those due within ``soon`` but not yet past it."""
+    open_ = DeletionRequest.status.in_([s.value for s in OPEN])
+    count = select(func.count()).select_from(DeletionRequest)
+    overdue = db_session.scalar(count.where(open_, DeletionRequest.due_at < now)) or 0
+    due_soon = db_session.scalar(count.where(open_, DeletionRequest.due_at >= now,
+                                             DeletionRequest.due_at < now + soon)) or 0
+    return overdue, due_soon
+
+
+def open_by_due_date(db_session: Session, *, limit: int = 20) -> list[DeletionRequest]:
+    """Open requests, the nearest deadline (or the longest overdue) first."""
+    return list(db_session.scalars(
+        select(DeletionRequest).where(DeletionRequest.status.in_([s.value for s in OPEN]))
+        .order_by(DeletionRequest.due_at, DeletionRequest.id).limit(limit)))
+
+
+def received_per_day(db_session: Session, *, since: datetime) -> dict[date, int]:
+    """Requests received per UTC day since ``since``; days with none are absent."""
+    column = DeletionRequest.received_at
+    # PostgreSQL stores timestamptz (date() would use the session's zone); SQLite stores UTC
+    # text, whose date part date() takes as is.
+    day = (func.date(func.timezone("UTC", column))
+           if db_session.get_bind().dialect.name == "postgresql" else func.date(column))
+    rows = db_session.execute(select(day, func.count()).where(column >= since).group_by(day))
+    return {value if isinstance(value, date) else date.fromisoformat(value): count
+            for value, count in rows}
+
+
+def queued_targets_per_model(db_session: Session) -> dict[str, int]:
+    """Targets waiting for a batch (queued, no job yet) per model: the queue depth."""
+    waiting = and_(DeletionTarget.model_id == Model.id,
+                   DeletionTarget.status == TargetStatus.queued.value,
+                   DeletionTarget.job_id.is_(None))
+    rows = db_session.execute(select(Model.name, func.count(DeletionTarget.id))
+                              .outerjoin(DeletionTarget, waiting).group_by(Model.name))
+    return {name: count for name, count in rows}

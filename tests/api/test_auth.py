@@ -1,0 +1,84 @@
+"""API keys: only hashes stored, bearer auth on every route, roles enforced."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.auth.models import ApiKey
+from app.core.db import session_scope
+from tests.api.conftest import KeyFactory
+
+
+def test_requests_without_a_key_are_401_problems(client: TestClient) -> None:
+    response = client.get("/v1/deletion-requests")
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("presented", ["garbage", "lethe_nope_nope", "Basic abc"])
+def test_malformed_or_unknown_keys_are_rejected(client: TestClient, presented: str) -> None:
+    response = client.get("/v1/deletion-requests",
+                          headers={"Authorization": f"Bearer {presented}"})
+    assert response.status_code == 401
+
+
+def test_a_wrong_secret_for_a_real_key_id_is_rejected(
+        client: TestClient, requester: dict[str, str]) -> None:
+    forged = requester["Authorization"][:-4] + "AAAA"
+    assert client.get("/v1/deletion-requests",
+                      headers={"Authorization": forged}).status_code == 401
+
+
+def test_only_a_hash_of_the_key_is_stored(client: TestClient, make_key: KeyFactory) -> None:
+    plain = make_key("requester", "acme")["Authorization"].removeprefix("Bearer ")
+    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+        stored = db_session.scalars(select(ApiKey)).one()
+    secret = plain.split("_", 2)[2]
+    assert secret not in (stored.secret_hash, stored.id, stored.name)
+    assert len(stored.secret_hash) == 64
+
+
+@pytest.mark.parametrize(("role", "path", "allowed"), [
+    ("requester", "/v1/audit", False),
+    ("operator", "/v1/audit", False),
+    ("auditor", "/v1/audit", True),
+    ("admin", "/v1/audit", True),
+    ("requester", "/v1/api-keys", False),
+    ("operator", "/v1/api-keys", False),
+    ("admin", "/v1/api-keys", True),
+    ("auditor", "/v1/deletion-requests", True),
+])
+def test_roles_are_enforced_on_reads(client: TestClient, make_key: KeyFactory, role: str,
+                                     path: str, allowed: bool) -> None:
+    response = client.get(path, headers=make_key(role, "acme"))
+    assert response.status_code == (200 if allowed else 403), response.text
+
+
+@pytest.mark.parametrize("role", ["requester", "auditor"])
+def test_only_operators_register_datasets(client: TestClient, make_key: KeyFactory,
+                                          role: str) -> None:
+    response = client.post("/v1/datasets", json={"name": "d"}, headers=make_key(role))
+    assert response.status_code == 403
+
+
+def test_auditors_cannot_submit_deletion_requests(client: TestClient,
+                                                  auditor: dict[str, str]) -> None:
+    response = client.post("/v1/deletion-requests", headers=auditor,
+                           json={"kind": "subject", "subject_ref": "x"})
+    assert response.status_code == 403
+
+
+def test_admins_create_and_revoke_keys_over_the_api(client: TestClient,
+                                                    make_key: KeyFactory) -> None:
+    admin = make_key("admin", "lethe")
+    created = client.post("/v1/api-keys", json={"role": "requester", "client_id": "acme"},
+                          headers=admin)
+    assert created.status_code == 201
+    new_key = {"Authorization": f"Bearer {created.json()['key']}"}
+    assert client.get("/v1/deletion-requests", headers=new_key).status_code == 200
+    assert "key" not in client.get("/v1/api-keys", headers=admin).json()[0]
+    client.post(f"/v1/api-keys/{created.json()['id']}/revoke", headers=admin)
+    assert client.get("/v1/deletion-requests", headers=new_key).status_code == 401

@@ -1,0 +1,127 @@
+"""Bad input gets a 4xx problem body (RFC 9457), never a 500."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.main import create_app
+
+
+def assert_problem(response, status: int) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status
+    assert {"type", "title", "detail"} <= body.keys()
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json", b"[]", b'{"kind": "subject"}', b'{"kind": "nope"}',
+    b'{"kind": "subject", "subject_ref": ""}', b'{"kind": "class", "class_label": -1, '
+    b'"model": "m"}', b'{"kind": "samples", "sample_keys": []}',
+    b'{"kind": "subject", "subject_ref": "x", "unexpected": 1}',
+])
+def test_invalid_request_bodies_are_422(client: TestClient, requester: dict[str, str],
+                                        body: bytes) -> None:
+    response = client.post("/v1/deletion-requests", content=body,
+                           headers={**requester, "Content-Type": "application/json"})
+    assert_problem(response, 422)
+
+
+def test_validation_problems_list_the_failing_fields(client: TestClient,
+                                                     requester: dict[str, str]) -> None:
+    response = client.post("/v1/deletion-requests", json={"kind": "subject"},
+                           headers=requester)
+    assert any(e["loc"][-1] == "subject_ref" for e in response.json()["errors"])
+
+
+def test_unknown_routes_and_methods_are_problems(client: TestClient) -> None:
+    assert_problem(client.get("/v1/nothing-here"), 404)
+    assert_problem(client.delete("/healthz"), 405)
+
+
+def test_oversized_bodies_are_413(database_url: str, tmp_path, make_key) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(Settings(data_dir=tmp_path, database_url=database_url,
+                              secret_key="s", max_body_bytes=1000))
+    with TestClient(app) as small:
+        big = {"kind": "samples", "sample_keys": ["k" * 200] * 20}
+        response = small.post("/v1/deletion-requests", json=big,
+                              headers=make_key("requester"))
+        assert_problem(response, 413)
+
+        def chunks():  # type: ignore[no-untyped-def]
+            yield b'{"kind": "samples", "sample_keys": ['
+            for _ in range(100):
+                yield b'"' + b"k" * 100 + b'",'
+            yield b'"x"]}'
+
+        # No Content-Length: the limit is enforced on the bytes that arrive.
+        streamed = small.post("/v1/deletion-requests", content=chunks(),
+                              headers={**make_key("requester"),
+                                       "Content-Type": "application/json"})
+        assert_problem(streamed, 413)
+    app.state.engine.dispose()
+
+
+def test_values_postgresql_cannot_store_are_422_problems_not_500(
+        client: TestClient, requester: dict[str, str], operator: dict[str, str],
+        database_url: str) -> None:
+    # PostgreSQL keeps no NUL character in text or JSON; found by the reliability fuzzing.
+    answers = [
+        client.post("/v1/deletion-requests", json={"kind": "samples", "sample_keys": ["a\x00"]},
+                    headers=requester),
+        client.post("/v1/deletion-requests",
+                    json={"kind": "subject", "subject_ref": "x", "model": "m\x00"},
+                    headers=requester),
+        client.get("/v1/datasets/a%00b", headers=operator),
+        client.get("/v1/deletion-requests", params={"client": "\x00"}, headers=operator),
+        client.post("/v1/datasets", json={"name": "d", "description": "\x00"},
+                    headers=operator),
+    ]
+    if database_url.startswith("postgresql"):
+        for response in answers:
+            assert_problem(response, 422)
+            assert response.json()["type"] == "urn:lethe:problem:unstorable-value"
+    else:  # SQLite stores NUL like any other character
+        assert [r.status_code for r in answers] == [202, 422, 404, 200, 201]
+
+
+def test_the_openapi_document_says_every_error_is_a_problem_body(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            errors = {status: r for status, r in responses.items() if status >= "400"}
+            assert all(r["content"] == problem for r in errors.values()), (method, path)
+            if operation.get("security"):
+                assert {"401", "403", "503"} <= errors.keys(), (method, path)
+            if "requestBody" in operation:
+                assert {"400", "413", "422"} <= errors.keys(), (method, path)
+
+
+def test_bad_query_parameters_are_422(client: TestClient, requester: dict[str, str]) -> None:
+    assert_problem(client.get("/v1/deletion-requests", params={"limit": 0},
+                              headers=requester), 422)
+    assert_problem(client.get("/v1/deletion-requests", params={"status": "bogus"},
+                              headers=requester), 422)
+    assert_problem(client.get("/v1/deletion-requests",
+                              params={"received_after": "yesterday"}, headers=requester), 422)
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+
+
+def test_openapi_documents_the_api_with_examples(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    create = spec["paths"]["/v1/deletion-requests"]["post"]
+    examples = create["requestBody"]["content"]["application/json"]["examples"]
+    assert set(examples) == {"subject", "samples", "class", "backdoor"}
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
