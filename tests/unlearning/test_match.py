@@ -1,0 +1,59 @@
+"""The seed method meets its targets in all three scenarios (issue 3's acceptance list), and
+stops because the attack went blind, not because a fixed budget ran out."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.unlearning.conftest import CPU, World
+from unlearning.loops import evaluate
+from unlearning.methods import get_method
+from unlearning.scenarios import attack_success_rate
+from unlearning.verification.metrics import forget_mia, utility_test_set
+
+
+def _match(world: World):
+    data = world.data
+    return get_method("match").unlearn(world.original, retain=data.retain, forget=data.forget,
+                                       reference=data.reference, scenario=data.scenario,
+                                       device="cpu", seed=0)
+
+
+def test_match_subset_reaches_the_retrains_membership_signal_and_keeps_test_accuracy(
+        subset_world: World) -> None:
+    data = subset_world.data
+    assert subset_world.retrain is not None
+    result = _match(subset_world)
+    assert result.details["stopped"] == "blind"
+    mia = forget_mia(result.model, data.forget, data.audit, data.scenario, CPU)
+    retrain_mia = forget_mia(subset_world.retrain, data.forget, data.audit, data.scenario, CPU)
+    original_mia = forget_mia(subset_world.original, data.forget, data.audit, data.scenario, CPU)
+    assert original_mia.accuracy - retrain_mia.accuracy > 0.05  # there was something to remove
+    assert abs(mia.accuracy - retrain_mia.accuracy) <= 0.03
+    test_before = evaluate(subset_world.original, data.test, CPU)["accuracy"]
+    assert evaluate(result.model, data.test, CPU)["accuracy"] >= test_before - 0.02
+
+
+def test_match_class_forgets_the_class_and_keeps_the_others(class_world: World) -> None:
+    data = class_world.data
+    result = _match(class_world)
+    forgotten = data.test.subset(torch.nonzero(data.test.y == data.scenario.forget_class)
+                                 .flatten())
+    assert evaluate(class_world.original, forgotten, CPU)["accuracy"] > 0.5
+    assert evaluate(result.model, forgotten, CPU)["accuracy"] <= 0.05
+    assert evaluate(result.model, data.forget, CPU)["accuracy"] <= 0.05
+    others = utility_test_set(data.test, data.scenario)
+    before = evaluate(class_world.original, others, CPU)["accuracy"]
+    assert evaluate(result.model, others, CPU)["accuracy"] >= before - 0.03
+
+
+def test_match_backdoor_removes_the_trigger_and_keeps_clean_accuracy(
+        backdoor_world: World) -> None:
+    data = backdoor_world.data
+    trigger, target = data.scenario.trigger, data.scenario.target_label
+    assert trigger is not None and target is not None
+    assert attack_success_rate(backdoor_world.original, data.test, trigger, target, CPU) >= 0.9
+    result = _match(backdoor_world)
+    assert attack_success_rate(result.model, data.test, trigger, target, CPU) <= 0.10
+    before = evaluate(backdoor_world.original, data.test, CPU)["accuracy"]
+    assert evaluate(result.model, data.test, CPU)["accuracy"] >= before - 0.03

@@ -1,0 +1,85 @@
+"""Every method runs in every scenario on the CPU, through the same entry point, reporting
+progress and stopping when cancelled; the registry and configs behave as documented."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from tests.unlearning.conftest import CPU, World
+from unlearning.loops import evaluate
+from unlearning.methods import METHODS, Cancelled, get_method
+from unlearning.methods.base import MethodConfig
+
+BASELINES = sorted(set(METHODS) - {"match"})
+# Small budgets: this checks that each algorithm runs end to end in each scenario, not how
+# well it unlearns (that is the lab's job).
+QUICK = {"epochs": 1, "max_steps": 1}
+
+
+def quick_config(name: str) -> MethodConfig:
+    config = METHODS[name].Config()
+    fields = {f.name for f in dataclasses.fields(config)}
+    return dataclasses.replace(config, **{k: v for k, v in QUICK.items() if k in fields})
+
+
+def test_registry_holds_the_seed_method_and_every_baseline() -> None:
+    assert set(METHODS) == {"match", "retrain", "ft", "ga", "ngplus", "srl", "scrub", "salun",
+                            "msg", "ct"}
+    with pytest.raises(KeyError, match="unknown unlearning method"):
+        get_method("forget-harder")
+
+
+def test_published_defaults_and_stronger_settings() -> None:
+    assert METHODS["ngplus"].Config().alpha == 0.95
+    assert METHODS["msg"].Config().reinit_rate == 0.3
+    assert METHODS["scrub"].Config().temperature == 2.0
+    ft = METHODS["ft"].Config()
+    assert ft.stronger().epochs == 2 * ft.epochs and ft.stronger().lr == ft.lr
+    match = METHODS["match"].Config()
+    assert match.stronger().max_steps > match.max_steps
+    assert match.stronger().attack_features == "strong"
+
+
+@pytest.mark.parametrize("scenario", ["subset", "class", "backdoor"])
+@pytest.mark.parametrize("name", BASELINES)
+def test_every_baseline_runs_in_every_scenario(name: str, scenario: str, subset_world: World,
+                                               class_world: World,
+                                               backdoor_world: World) -> None:
+    world = {"subset": subset_world, "class": class_world, "backdoor": backdoor_world}[scenario]
+    data = world.data
+    before = {k: v.clone() for k, v in world.original.state_dict().items()}
+    phases: list[str] = []
+    result = get_method(name).unlearn(
+        world.original, retain=data.retain, forget=data.forget, reference=data.reference,
+        original_recipe=world.recipe.with_(epochs=1), scenario=data.scenario,
+        config=quick_config(name), device="cpu", seed=0,
+        progress=lambda phase, step, total, metrics: phases.append(phase))
+    assert result.steps > 0 and result.seconds > 0 and phases
+    assert result.model is not world.original
+    changed = any(not torch.equal(before[k], v) for k, v in result.model.state_dict().items())
+    assert changed, f"{name} left the weights untouched"
+    assert all(torch.equal(before[k], v) for k, v in world.original.state_dict().items())
+    accuracy = evaluate(result.model, data.test, CPU)["accuracy"]
+    assert 0.0 <= accuracy <= 1.0
+
+
+@pytest.mark.parametrize("name", ["match", "ft", "scrub"])
+def test_a_cancelled_run_stops_with_cancelled(name: str, subset_world: World) -> None:
+    data = subset_world.data
+    stop = threading.Event()
+    steps_seen: list[int] = []
+
+    def progress(phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        steps_seen.append(step)
+        stop.set()  # ask to stop after the first report
+
+    with pytest.raises(Cancelled):
+        get_method(name).unlearn(subset_world.original, retain=data.retain,
+                                 forget=data.forget, reference=data.reference,
+                                 scenario=data.scenario, device="cpu", progress=progress,
+                                 cancel=stop)
+    assert len(steps_seen) <= 2

@@ -1,0 +1,61 @@
+"""The verification report is plain JSON, and the gate refuses models that did not forget,
+naming every reason."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tests.unlearning.conftest import CPU, World
+from unlearning.verification.report import Thresholds, build_verification_report, decide
+
+
+def _report(world: World, candidate) -> dict:
+    data = world.data
+    return build_verification_report(candidate, world.original, forget=data.forget,
+                                     holdout=data.audit, test=data.test,
+                                     scenario=data.scenario, device=CPU,
+                                     retain=data.retain_eval)
+
+
+def test_gate_fails_the_original_and_passes_its_retrain_on_membership(
+        subset_world: World) -> None:
+    assert subset_world.retrain is not None
+    unchanged = _report(subset_world, subset_world.original)
+    json.dumps(unchanged, allow_nan=False)  # what the worker stores
+    decision = decide(unchanged)
+    assert not decision.passed
+    assert any("membership attack" in reason for reason in decision.failures)
+    assert unchanged["mia"]["base"]["accuracy"] == unchanged["mia"]["candidate"]["accuracy"]
+
+    retrained = _report(subset_world, subset_world.retrain)
+    assert retrained["mia"]["candidate"]["indiscernibility"] >= 0.9
+    assert not any("membership" in r for r in decide(retrained).failures)
+    # a utility threshold the retrain cannot meet fails it, with that reason alone
+    strict = decide(retrained, Thresholds(max_test_accuracy_drop=-1.0))
+    assert strict.failures and all("test accuracy dropped" in r for r in strict.failures)
+
+
+def test_gate_fails_a_model_that_still_knows_the_forgotten_class(class_world: World) -> None:
+    report = _report(class_world, class_world.original)
+    assert report["class"]["forget_class_accuracy"] > 0.5
+    assert any("forgotten class still recognised" in r for r in decide(report).failures)
+
+
+def test_gate_fails_a_model_whose_backdoor_still_works(backdoor_world: World) -> None:
+    report = _report(backdoor_world, backdoor_world.original)
+    assert report["backdoor"]["attack_success_rate"] >= 0.9
+    assert any("backdoor still works" in r for r in decide(report).failures)
+
+
+def test_small_forget_sets_are_judged_by_the_ks_test(subset_world: World) -> None:
+    data = subset_world.data
+    few = data.forget.subset(torch.arange(8))
+    report = build_verification_report(subset_world.original, subset_world.original,
+                                       forget=few, holdout=data.audit, test=data.test,
+                                       scenario=data.scenario, device=CPU)
+    assert report["n_forget"] == 8 and report["ks"]["n"] == 8
+    decision = decide(report, Thresholds(min_ks_p_value=1.0))  # any p-value below 1 fails
+    assert any("KS test" in r for r in decision.failures)
+    assert not any("membership" in r for r in decision.failures)

@@ -1,0 +1,1 @@
+"""Datasets (Fashion-MNIST, digits), the sample store and the demo catalogue."""

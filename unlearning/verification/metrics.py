@@ -1,0 +1,77 @@
+"""The numbers every run is judged by: retain / forget / test accuracy, the population attack
+on the forget set, attack success rate, and the comparisons with retraining (RetDev, RTE)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from unlearning.loops import SampleSet, evaluate, predict_logits
+from unlearning.scenarios import Scenario, attack_success_rate
+from unlearning.verification.mia import MIAResult, attack_features, population_mia
+
+# Below this retrain value a ratio is meaningless (class and backdoor forget accuracy are ~0
+# after retraining): RetDev then uses the absolute difference for that term.
+RETDEV_RATIO_FLOOR = 0.1
+
+
+def forget_mia(model: nn.Module, forget: SampleSet, holdout: SampleSet, scenario: Scenario,
+               device: torch.device, *, feature_set: str = "loss", seed: int = 0) -> MIAResult:
+    """Population attack: the forget set against its unseen counterpart in the holdout."""
+    unseen = scenario.unseen_counterpart(holdout)
+    members = attack_features(predict_logits(model, forget, device), forget.y.cpu(),
+                              feature_set)
+    nonmembers = attack_features(predict_logits(model, unseen, device), unseen.y.cpu(),
+                                 feature_set)
+    return population_mia(members, nonmembers, seed=seed)
+
+
+def utility_test_set(test: SampleSet, scenario: Scenario) -> SampleSet:
+    """Test data the model should still get right: all of it, minus the forgotten class."""
+    if scenario.kind != "class":
+        return test
+    return test.subset(torch.nonzero(test.y != scenario.forget_class).flatten())
+
+
+def scenario_metrics(model: nn.Module, *, forget: SampleSet, retain: SampleSet,
+                     test: SampleSet, holdout: SampleSet, scenario: Scenario,
+                     device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Flat metrics of one model in one scenario (JSON-ready): ``test_acc`` excludes a
+    forgotten class, which gets its own ``forget_class_test_acc``; ``asr`` is None outside
+    the backdoor scenario."""
+    mia = forget_mia(model, forget, holdout, scenario, device, seed=seed)
+    metrics: dict[str, Any] = {
+        "retain_acc": evaluate(model, retain, device)["accuracy"],
+        "forget_acc": evaluate(model, forget, device)["accuracy"],
+        "test_acc": evaluate(model, utility_test_set(test, scenario), device)["accuracy"],
+        "mia_accuracy": mia.accuracy,
+        "mia_auc": mia.auc,
+        "mia_ci": [mia.ci_low, mia.ci_high],
+        "mia_n": mia.n_members,
+        "asr": None,
+    }
+    if scenario.kind == "class":
+        forgotten = test.subset(torch.nonzero(test.y == scenario.forget_class).flatten())
+        metrics["forget_class_test_acc"] = evaluate(model, forgotten, device)["accuracy"]
+    if scenario.kind == "backdoor" and scenario.trigger is not None:
+        metrics["asr"] = attack_success_rate(model, test, scenario.trigger,
+                                             int(scenario.target_label), device)  # type: ignore[arg-type]
+    return metrics
+
+
+def retdev(run: dict[str, Any], retrain: dict[str, Any]) -> float:
+    """abs(RA/RA_R - 1) + abs(FA/FA_R - 1) + abs(TA/TA_R - 1); a term whose retrain value is
+    below ``RETDEV_RATIO_FLOOR`` uses abs(X - X_R) instead of the undefined ratio."""
+    total = 0.0
+    for key in ("retain_acc", "forget_acc", "test_acc"):
+        value, reference = float(run[key]), float(retrain[key])
+        total += abs(value / reference - 1.0) if reference >= RETDEV_RATIO_FLOOR \
+            else abs(value - reference)
+    return total
+
+
+def rte(retrain_seconds: float, method_seconds: float) -> float:
+    """Run-time efficiency: how many times faster than retraining."""
+    return retrain_seconds / max(method_seconds, 1e-9)
