@@ -1,0 +1,183 @@
+"""The `lethe` command. Assembled here, in the top layer, from each layer's own commands,
+plus the process commands of the worker layer: `worker`, `beat`, `broker`, `up`, `demo`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from app.cli import COMMANDS as APP_COMMANDS
+from app.cli import ensure_schema
+from app.core.config import get_settings
+from unlearning.cli import data as data_commands
+from unlearning.cli import lab as lab_commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Lethe: right-to-be-forgotten requests honoured against deployed models."""
+
+
+for command in (*APP_COMMANDS, data_commands, lab_commands):
+    main.add_command(command)
+
+
+@contextmanager
+def embedded_broker_if_needed() -> Iterator[None]:
+    """On the embedded default, make sure the data dir's broker runs; stop it afterwards if
+    this process started it (the server would otherwise outlive us)."""
+    settings = get_settings()
+    if settings.broker_url:
+        yield
+        return
+    from worker.embedded_broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(settings.embedded_broker_socket)
+    started = broker.start()
+    try:
+        yield
+    finally:
+        if started:
+            broker.stop()
+
+
+@main.command()
+@click.option("--queues", default=None,
+              help="Comma-separated queues (default: the job queue and the maintenance queue).")
+@click.option("--concurrency", default=1, show_default=True,
+              help="Jobs at once; keep 1 per GPU.")
+@click.option("--loglevel", default="info", show_default=True)
+def worker(queues: str | None, concurrency: int, loglevel: str) -> None:
+    """Run a Celery worker (unlearning jobs and maintenance tasks)."""
+    from app.observability.celery_context import install_celery_logging
+    from worker.celery_app import MAINTENANCE_QUEUE, celery_app
+
+    settings = get_settings()
+    install_celery_logging(settings.log_level, settings.log_format)
+    queues = queues or f"{settings.job_queue},{MAINTENANCE_QUEUE}"
+    with embedded_broker_if_needed():
+        # prefork: the parent only imports modules; each job runs in a child process, so the
+        # parent never initialises CUDA before forking.
+        celery_app.worker_main(["worker", f"--loglevel={loglevel}", "-Q", queues,
+                                f"--concurrency={concurrency}", "--pool=prefork",
+                                "--without-gossip", "--without-mingle"])
+
+
+@main.command()
+@click.option("--loglevel", default="info", show_default=True)
+def beat(loglevel: str) -> None:
+    """Run the scheduler: batching, sweeping, webhook delivery, purging (run exactly one)."""
+    from app.observability.celery_context import install_celery_logging
+    from worker.celery_app import celery_app
+
+    settings = get_settings()
+    install_celery_logging(settings.log_level, settings.log_format)
+    with embedded_broker_if_needed():
+        celery_app.start(["beat", f"--loglevel={loglevel}"])
+
+
+@main.command()
+def broker() -> None:
+    """Run the embedded broker in the foreground (the embedded default's Redis)."""
+    from worker.embedded_broker import EmbeddedBroker
+
+    settings = get_settings()
+    embedded = EmbeddedBroker(settings.embedded_broker_socket)
+    if not embedded.start():
+        raise click.ClickException(f"a broker already answers at {embedded.url}")
+    click.echo(f"embedded broker at {embedded.url}; Ctrl-C stops it")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        embedded.stop()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def up(host: str, port: int) -> None:
+    """API, worker, beat and (on the embedded default) the broker, together."""
+    settings = get_settings()
+    ensure_schema(settings.resolved_database_url)
+    with embedded_broker_if_needed():
+        processes = start_services(host, port)
+        click.echo(f"Lethe is up: http://{host}:{port}/docs  (Ctrl-C stops everything)")
+        try:
+            exit_code = supervise(processes)
+        finally:
+            stop_services(processes)
+    raise SystemExit(exit_code)
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".lethe/demo"),
+              show_default=True, help="Recreated on each run (the trained original is kept "
+              "beside it in demo-world/).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--subjects", default=12, show_default=True,
+              help="How many data subjects ask to be forgotten.")
+def demo(data_dir: Path, port: int, subjects: int) -> None:
+    """Request -> unlearn -> verify -> publish -> certificate, on real data, narrated."""
+    from worker.demo import run_demo
+
+    raise SystemExit(run_demo(data_dir, port=port, subjects=subjects))
+
+
+def start_services(host: str, port: int, *, log_dir: str | None = None
+                   ) -> dict[str, subprocess.Popen[bytes]]:
+    """Start API, worker and beat as child processes of this one."""
+    lethe = [sys.executable, "-m", "worker.cli"]
+    commands = {
+        "api": [*lethe, "serve", "--host", host, "--port", str(port), "--no-migrate"],
+        "worker": [*lethe, "worker"],
+        "beat": [*lethe, "beat"],
+    }
+    processes = {}
+    for name, command in commands.items():
+        output = open(os.path.join(log_dir, f"{name}.log"), "ab") if log_dir else None  # noqa: SIM115
+        processes[name] = subprocess.Popen(command, stdout=output, stderr=output)
+    return processes
+
+
+def supervise(processes: dict[str, subprocess.Popen[bytes]]) -> int:
+    """Wait until a service exits or we are told to stop; returns the exit code to use."""
+    stop = {"signal": False}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop["signal"]:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                click.echo(f"{name} exited with {process.returncode}; stopping", err=True)
+                return process.returncode or 1
+        time.sleep(0.5)
+    return 0
+
+
+def stop_services(processes: dict[str, subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    """Warm shutdown: SIGTERM lets the worker finish or hand back its job (late acks)."""
+    for process in processes.values():
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + timeout
+    for process in processes.values():
+        try:
+            process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""One delivery of an unlearning job: claim -> load -> unlearn -> verify -> publish, with
+escalation when verification fails. The domain rules are in app/jobs/service.py; the
+algorithms in unlearning/. This module moves data between them and keeps the job's row live
+(progress, heartbeat) while it works."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session
+
+from app.datasets import service as datasets
+from app.datasets.models import Dataset, Sample
+from app.jobs import service as jobs
+from app.jobs.models import UnlearningJob
+from app.models_registry.models import Model, ModelVersion, Policy
+from app.observability.request_id import request_id_context
+from app.requests import service as requests
+from app.requests.models import DeletionRequest
+from unlearning.architectures import build_model
+from unlearning.data.store import load_samples
+from unlearning.loops import SampleSet
+from unlearning.methods import METHODS, MethodConfig, get_method
+from unlearning.runtime import resolve_device
+from unlearning.scenarios import Scenario, Trigger
+from unlearning.training import Recipe
+from unlearning.verification.report import Thresholds, build_verification_report, decide
+from unlearning.weights import load_weights, save_weights
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 1.0  # seconds between progress writes to the job row
+RETAIN_CHECK_SAMPLES = 5000  # retain samples the report measures accuracy on
+
+
+class ArtifactCorrupted(RuntimeError):
+    """The base version's weights do not match the sha256 recorded for them."""
+
+
+@dataclass
+class JobData:
+    """The tensors one job works on, and which request each forgotten sample belongs to."""
+
+    forget: SampleSet  # training samples the batch covers: what the model must forget
+    retain: SampleSet  # training samples it keeps
+    reference: SampleSet  # unseen holdout the method matches against
+    audit: SampleSet  # a disjoint unseen holdout slice the verifier attacks with
+    test: SampleSet
+    scenario: Scenario
+    forgotten: dict[int, str]  # every covered sample (any split) -> its request
+
+
+def run(ctx: WorkerContext, job_id: str, *, task_id: str | None = None) -> str:
+    """Run one delivery of a job; returns what happened: `skipped`, `published`,
+    `unchanged`, `failed`, `requeued` or `duplicate`."""
+    with ctx.session() as db_session:
+        job = jobs.claim(db_session, job_id=job_id, worker_host=ctx.hostname, task_id=task_id,
+                         heartbeat_timeout=ctx.settings.heartbeat_timeout_seconds)
+    if job is None:
+        return "skipped"
+    log.info("job %s: delivery %d on %s", job_id, job.attempt, ctx.hostname)
+    log_per_request(ctx, job_id, "taken up by job %s (delivery %d)", job_id, job.attempt)
+    with Heartbeat(ctx, job_id):
+        outcome = _deliver(ctx, job_id)
+    log_per_request(ctx, job_id, "job %s ended: %s", job_id, outcome)
+    return outcome
+
+
+def _deliver(ctx: WorkerContext, job_id: str) -> str:
+    try:
+        return _execute(ctx, job_id)
+    except jobs.PublishConflict as conflict:
+        if not conflict.retry:
+            return "duplicate"
+        with ctx.session() as db_session:
+            jobs.requeue(db_session, job_id=job_id, reason=str(conflict))
+        return "requeued"
+    except Exception as error:  # the job fails with the reason; an operator may retry
+        log.exception("job %s failed", job_id)
+        with ctx.session() as db_session:
+            failed = db_session.get(UnlearningJob, job_id)
+            if failed is not None and failed.status in jobs.RUNNING:
+                jobs.fail(db_session, failed, reason=f"{type(error).__name__}: {error}")
+        return "failed"
+
+
+def log_per_request(ctx: WorkerContext, job_id: str, message: str, *args: object) -> None:
+    """One log line per request the job carries, under the request id it arrived with, so
+    searching the logs for that id finds its intake in the API and its job here."""
+    with ctx.session() as db_session:
+        traces = jobs.request_traces(db_session, job_id)
+    for request_id, trace in traces:
+        with request_id_context(trace):
+            log.info("deletion request %s: " + message, request_id, *args)
+
+
+def _execute(ctx: WorkerContext, job_id: str) -> str:
+    with ctx.session() as db_session:
+        job, model, base, dataset = _rows(db_session, job_id)
+        policy = Policy.model_validate(model.policy)
+        data = load_job_data(db_session, ctx, job, dataset)
+        base_path = ctx.artifacts.path_of(base.artifact_uri or "")
+        if ctx.artifacts.sha256_of(base.artifact_uri or "") != base.sha256:
+            raise ArtifactCorrupted(f"{model.name} v{base.number}: sha256 mismatch")
+        architecture, base_sha = model.architecture, base.sha256
+        level, scenario_key = job.escalation_level, job.scenario
+    if len(data.forget) == 0:
+        with ctx.session() as db_session:
+            jobs.complete_unchanged(db_session, job_id=job_id, signer=ctx.signer,
+                                    forgotten=data.forgotten, report={
+                                        "summary": {"passed": True, "n_forget": 0},
+                                        "note": "no training sample of the model is covered"})
+        return "unchanged"
+    base_model = load_weights(build_model(architecture), base_path)
+    device = resolve_device(ctx.settings.device)
+    seed = int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16)
+    while True:
+        method_name, config = method_for(policy, level)
+        progress = ProgressWriter(ctx, job_id, prefix=f"{method_name}: ")
+        result = get_method(method_name).unlearn(
+            base_model, retain=data.retain, forget=data.forget, reference=data.reference,
+            original_recipe=Recipe(**policy.training_recipe), scenario=data.scenario,
+            config=config, device=device, seed=seed, progress=progress,
+            cancel=CancelCheck(ctx, job_id))
+        with ctx.session() as db_session:
+            jobs.begin_verification(db_session, _job(db_session, job_id))
+        retain_check = data.retain.sample(RETAIN_CHECK_SAMPLES, torch.Generator().manual_seed(seed))
+        report = build_verification_report(
+            result.model, base_model, forget=data.forget, holdout=data.audit, test=data.test,
+            scenario=data.scenario, device=device, retain=retain_check, seed=seed)
+        decision = decide(report, thresholds_for(policy))
+        report.update(passed=decision.passed, reasons=decision.failures,
+                      thresholds=thresholds_for(policy).to_dict(), method=method_name,
+                      escalation_level=level, steps=result.steps,
+                      seconds=round(result.seconds, 3), method_details=_jsonable(result.details))
+        report["summary"] = summarize(report)
+        staged = _stage(ctx, result.model, {"lethe.job": job_id, "lethe.parent": base_sha,
+                                            "lethe.scenario": scenario_key})
+        if decision.passed:
+            with ctx.session() as db_session:
+                version = jobs.publish(db_session, job_id=job_id, staged=staged,
+                                       store=ctx.artifacts, signer=ctx.signer, report=report,
+                                       metrics=report["summary"], forgotten=data.forgotten)
+            log.info("job %s: published version %d", job_id, version.number)
+            return "published"
+        with ctx.session() as db_session:
+            jobs.reject_candidate(db_session, _job(db_session, job_id), staged=staged,
+                                  store=ctx.artifacts, report=report, metrics=report["summary"])
+            next_level = jobs.next_escalation(policy, level)
+            if next_level is None:
+                jobs.fail(db_session, _job(db_session, job_id), report=report,
+                          reason="verification failed: " + "; ".join(decision.failures))
+                return "failed"
+            jobs.escalate(db_session, _job(db_session, job_id), level=next_level, report=report)
+        level = next_level
+
+
+def _job(db_session: Session, job_id: str) -> UnlearningJob:
+    job = db_session.get(UnlearningJob, job_id)
+    assert job is not None
+    return job
+
+
+def _rows(db_session: Session, job_id: str
+          ) -> tuple[UnlearningJob, Model, ModelVersion, Dataset]:
+    job = _job(db_session, job_id)
+    model = db_session.get(Model, job.model_id)
+    base = db_session.get(ModelVersion, job.base_version_id)
+    assert model is not None and base is not None
+    dataset = db_session.get(Dataset, model.dataset_id)
+    assert dataset is not None
+    return job, model, base, dataset
+
+
+def method_for(policy: Policy, level: int) -> tuple[str, MethodConfig]:
+    """Level 0: the policy's method and settings; 1: the same, stronger; 2: exact retrain."""
+    if level >= 2:
+        return "retrain", METHODS["retrain"].Config()
+    config = METHODS[policy.method].Config(**policy.method_config)
+    return policy.method, config.stronger() if level == 1 else config
+
+
+def thresholds_for(policy: Policy) -> Thresholds:
+    limits = policy.verification
+    return Thresholds(min_indiscernibility=limits.min_indiscernibility,
+                      max_test_accuracy_drop=limits.max_test_accuracy_drop,
+                      max_forget_class_accuracy=limits.max_forget_class_accuracy,
+                      max_attack_success_rate=limits.max_attack_success_rate,
+                      min_ks_p_value=limits.min_ks_pvalue)
+
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """The flat figures a version records as metrics and a certificate repeats."""
+    summary: dict[str, Any] = {"passed": report["passed"], "n_forget": report["n_forget"],
+                               "method": report["method"],
+                               "escalation_level": report["escalation_level"]}
+    mia = report.get("mia")
+    if mia:
+        candidate, base = mia["candidate"], mia["base"]
+        summary.update(mia_accuracy=candidate["accuracy"], mia_auc=candidate["auc"],
+                       mia_ci95=[candidate["ci_low"], candidate["ci_high"]],
+                       mia_n=candidate["n_members"],
+                       indiscernibility=candidate["indiscernibility"],
+                       base_mia_accuracy=base["accuracy"])
+    if report.get("ks"):
+        summary["ks_p_value"] = report["ks"]["p_value"]
+    utility = report["utility"]
+    summary.update(test_accuracy=utility["test_accuracy"],
+                   base_test_accuracy=utility["base_test_accuracy"],
+                   forget_accuracy=report.get("forget_accuracy"))
+    if "retain_accuracy" in utility:
+        summary["retain_accuracy"] = utility["retain_accuracy"]
+    if report.get("class"):
+        summary["forget_class_accuracy"] = report["class"]["forget_class_accuracy"]
+    if report.get("backdoor"):
+        summary["attack_success_rate"] = report["backdoor"]["attack_success_rate"]
+        summary["base_attack_success_rate"] = report["backdoor"]["base_attack_success_rate"]
+    return summary
+
+
+def load_job_data(db_session: Session, ctx: WorkerContext, job: UnlearningJob,
+                  dataset: Dataset) -> JobData:
+    """Resolve the batch's forget set (union of its requests, de-duplicated, already
+    forgotten samples skipped), the retain set and two disjoint unseen slices."""
+    forgotten: dict[int, str] = {}
+    covered: dict[int, Sample] = {}
+    for target in jobs.targets_of(db_session, job.id):
+        if target.status not in ("processing", "verifying"):
+            continue
+        request = db_session.get(DeletionRequest, target.request_id)
+        assert request is not None
+        for sample in requests.samples_covered(db_session, request=request,
+                                               dataset_id=dataset.id):
+            forgotten.setdefault(sample.id, request.id)
+            covered[sample.id] = sample
+    root = ctx.settings.resolved_dataset_dir / dataset.store
+
+    def tensors(samples: list[Sample]) -> SampleSet:
+        if not samples:
+            return SampleSet(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+        loaded = load_samples(root, [s.locator for s in samples], labels=[s.label for s in samples])
+        return SampleSet(loaded.x, loaded.y)
+
+    def held(split: str) -> list[Sample]:
+        return [s for s in datasets.held_samples(db_session, dataset_id=dataset.id, split=split)
+                if s.id not in covered]
+
+    forget_rows = [s for s in covered.values() if s.split == "train"]
+    holdout = tensors(held("holdout"))
+    generator = torch.Generator().manual_seed(int(hashlib.sha256(job.id.encode()).hexdigest()[:8],
+                                                  16))
+    order = torch.randperm(len(holdout), generator=generator)
+    half = len(holdout) // 2
+    forget = tensors(forget_rows)
+    return JobData(
+        forget=forget, retain=tensors(held("train")),
+        reference=holdout.subset(order[:half]), audit=holdout.subset(order[half:]),
+        test=tensors(held("test")), scenario=scenario_for(db_session, job, forget),
+        forgotten=forgotten)
+
+
+def scenario_for(db_session: Session, job: UnlearningJob, forget: SampleSet) -> Scenario:
+    if job.scenario.startswith("class:"):
+        return Scenario("class", forget_class=int(job.scenario.split(":", 1)[1]))
+    if job.scenario != "backdoor":
+        return Scenario("subset")
+    # Poisoned samples carry the attacker's target label; the batch's most common label is it.
+    target_label = Counter(forget.y.tolist()).most_common(1)[0][0] if len(forget) else 0
+    trigger = None
+    for target in jobs.targets_of(db_session, job.id):
+        request = db_session.get(DeletionRequest, target.request_id)
+        spec = request.payload.get("trigger") if request else None
+        if isinstance(spec, dict):
+            trigger = Trigger(**spec)
+            break
+    return Scenario("backdoor", target_label=int(target_label), trigger=trigger)
+
+
+def _stage(ctx: WorkerContext, model: torch.nn.Module, metadata: dict[str, str]
+           ) -> Any:
+    path = ctx.artifacts.new_staging_path()
+    save_weights(model, path, metadata=metadata)
+    return ctx.artifacts.stage_file(path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+
+class ProgressWriter:
+    """The method's progress callback: writes phase, step and metrics to the job row at most
+    once a second (which also counts as a heartbeat)."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str, *, prefix: str = "") -> None:
+        self.ctx, self.job_id, self.prefix = ctx, job_id, prefix
+        self._last = 0.0
+
+    def __call__(self, phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_EVERY and step < total:
+            return
+        self._last = now
+        with self.ctx.session() as db_session:
+            jobs.report_progress(db_session, job_id=self.job_id, phase=self.prefix + phase,
+                                 step=step, total=total, metrics=_jsonable(metrics))
+
+
+class CancelCheck:
+    """Polled by the method every step; asks the database at most every few seconds."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str, every: float = 5.0) -> None:
+        self.ctx, self.job_id, self.every = ctx, job_id, every
+        self._checked, self._canceled = 0.0, False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self._canceled and now - self._checked >= self.every:
+            self._checked = now
+            with self.ctx.session() as db_session:
+                self._canceled = jobs.is_canceled(db_session, job_id=self.job_id)
+        return self._canceled
+
+
+class Heartbeat:
+    """Beats for the job from a thread while the worker computes, so a long step without
+    progress callbacks (verification, loading) is not mistaken for a lost worker."""
+
+    def __init__(self, ctx: WorkerContext, job_id: str) -> None:
+        self.ctx, self.job_id = ctx, job_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id[:8]}",
+                                        daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ctx.settings.heartbeat_seconds):
+            try:
+                with self.ctx.session() as db_session:
+                    jobs.heartbeat(db_session, job_id=self.job_id)
+            except Exception:  # a missed beat is retried; the job itself decides its fate
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+

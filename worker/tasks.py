@@ -1,0 +1,100 @@
+"""Celery tasks: thin wrappers that call the pipeline and the domain services."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import httpx
+
+from app.jobs import service as jobs
+from app.webhooks import service as webhooks
+from worker import context, maintenance, pipeline
+from worker.celery_app import celery_app
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_TIMEOUT = 10.0
+
+
+def dispatch(job_ids: Iterable[str]) -> None:
+    """Hand jobs to the broker, then record when (the sweeper re-sends stale ones)."""
+    ids = list(job_ids)
+    if not ids:
+        return
+    ctx = context.current()
+    for job_id in ids:
+        run_job.apply_async((job_id,), queue=ctx.settings.job_queue)
+    with ctx.session() as db_session:
+        jobs.mark_dispatched(db_session, ids)
+
+
+@celery_app.task(name="lethe.batch")
+def batch() -> list[str]:
+    with context.current().session() as db_session:
+        created = [job.id for job in jobs.plan_batches(db_session)]
+    dispatch(created)
+    return created
+
+
+@celery_app.task(name="lethe.run_job", bind=True)
+def run_job(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+    ctx = context.current()
+    outcome = pipeline.run(ctx, job_id, task_id=self.request.id)
+    if outcome == "requeued":
+        dispatch([job_id])
+    elif outcome in ("published", "unchanged"):
+        maintenance.run_all(ctx)  # erase what the publish made erasable, now
+    return outcome
+
+
+@celery_app.task(name="lethe.sweep")
+def sweep() -> list[str]:
+    """Jobs whose worker stopped heart-beating go back to the queue; queued jobs whose
+    message may be lost are sent again (claiming makes duplicates harmless)."""
+    ctx = context.current()
+    timeout = ctx.settings.heartbeat_timeout_seconds
+    with ctx.session() as db_session:
+        again = jobs.requeue_lost(db_session, heartbeat_timeout=timeout)
+        again += jobs.undispatched(db_session, older_than=max(60.0, 3 * timeout))
+    dispatch(sorted(set(again)))
+    return again
+
+
+@celery_app.task(name="lethe.purge")
+def purge() -> dict[str, int]:
+    return maintenance.run_all(context.current())
+
+
+@celery_app.task(name="lethe.deliver_webhooks")
+def deliver_webhooks() -> int:
+    ctx = context.current()
+    secret_key = ctx.settings.resolved_secret_key()
+    sent = 0
+    with ctx.session() as db_session:
+        due = webhooks.lease_due(db_session)
+        with httpx.Client(timeout=WEBHOOK_TIMEOUT, follow_redirects=False) as client:
+            for delivery, webhook in due:
+                status, error = _post(client, webhook.url, delivery.event, delivery.payload,
+                                      webhooks.secret_of(webhook, secret_key))
+                result = webhooks.record_attempt(db_session, delivery_id=delivery.id,
+                                                 status_code=status, error=error)
+                log.info("webhook %s %s -> %s (attempt %d, %s)", delivery.event, webhook.url,
+                         status or error, result.attempts, result.status)
+                sent += 1
+    return sent
+
+
+def _post(client: httpx.Client, url: str, event: str, payload: dict[str, Any], secret: bytes
+          ) -> tuple[int | None, str | None]:
+    body = json.dumps({"event": event, "data": payload}, separators=(",", ":")).encode()
+    headers = {"Content-Type": "application/json", "Lethe-Event": event,
+               "Lethe-Signature": webhooks.signature(secret, body, int(time.time()))}
+    try:
+        response = client.post(url, content=body, headers=headers)
+    except httpx.HTTPError as error:
+        return None, f"{type(error).__name__}: {error}"
+    return response.status_code, None if response.is_success else response.text[:500]
