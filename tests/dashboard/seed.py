@@ -1,0 +1,219 @@
+"""A world for the dashboard to show, written through the domain services exactly as the API
+and the worker write it: a dataset, two models, versions produced by jobs (published,
+superseded, rejected), requests in every state with spread-out deadlines, a running job with
+live progress, a failed one with its report, certificates and the audit trail."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.auth import service as keys
+from app.auth.models import Role
+from app.auth.service import Principal
+from app.certificates.service import Signer
+from app.core.db import session_scope, utcnow
+from app.core.security import subject_hash
+from app.datasets import service as datasets
+from app.datasets.models import DatasetCreate, Sample
+from app.jobs import service as jobs
+from app.jobs.models import UnlearningJob
+from app.models_registry import service as registry
+from app.models_registry.artifacts import ArtifactStore, StagedArtifact
+from app.models_registry.models import Model, Policy, VersionStatus
+from app.requests import service as requests
+from app.requests.models import ClassRequest, DeletionRequest, RequestStatus, SubjectRequest
+
+MODEL = "fashion-cnn"
+APPROVAL_MODEL = "digits-mlp"
+
+
+@dataclass
+class Seeded:
+    keys: dict[str, str] = field(default_factory=dict)  # role -> plain API key
+    requests: dict[str, str] = field(default_factory=dict)  # label -> request id
+    jobs: dict[str, str] = field(default_factory=dict)  # label -> job id
+
+
+def report(*, passed: bool, mia_accuracy: float, test_accuracy: float,
+           base_test_accuracy: float = 0.912, n: int = 60) -> dict[str, Any]:
+    """A verification report in the worker's shape (worker/pipeline.py: summarize)."""
+    reasons = [] if passed else [
+        f"membership attack accuracy {mia_accuracy:.3f} (n={n}) gives indiscernibility "
+        f"{1 - abs(mia_accuracy - 0.5) / 0.5:.3f} < 0.9"]
+    summary = {"passed": passed, "n_forget": n, "method": "match", "escalation_level": 0,
+               "mia_accuracy": mia_accuracy, "mia_auc": mia_accuracy + 0.02, "mia_n": n,
+               "indiscernibility": 1 - abs(mia_accuracy - 0.5) / 0.5,
+               "base_mia_accuracy": 0.74, "test_accuracy": test_accuracy,
+               "base_test_accuracy": base_test_accuracy, "forget_accuracy": 0.55}
+    return {"version": 1, "passed": passed, "reasons": reasons, "n_forget": n,
+            "mia": {"candidate": {"accuracy": mia_accuracy, "auc": mia_accuracy + 0.02,
+                                  "n_members": n}},
+            "utility": {"test_accuracy": test_accuracy,
+                        "base_test_accuracy": base_test_accuracy},
+            "summary": summary}
+
+
+def _staged(store: ArtifactStore) -> StagedArtifact:
+    path = store.new_staging_path()
+    path.write_bytes(secrets.token_bytes(256))  # weights' bytes do not matter to the pages
+    return store.stage_file(path)
+
+
+def _forgotten(db_session: Session, job_id: str) -> dict[int, str]:
+    forgotten: dict[int, str] = {}
+    for target in jobs.targets_of(db_session, job_id):
+        request = db_session.get(DeletionRequest, target.request_id)
+        assert request is not None
+        model = db_session.get(Model, target.model_id)
+        assert model is not None
+        for sample in requests.samples_covered(db_session, request=request,
+                                               dataset_id=model.dataset_id):
+            forgotten[sample.id] = request.id
+    return forgotten
+
+
+def _next_job(db_session: Session) -> UnlearningJob:
+    created = jobs.plan_batches(db_session)
+    assert len(created) == 1, created
+    job = jobs.claim(db_session, job_id=created[0].id, worker_host="gpu-worker-1:4242",
+                     task_id=None, heartbeat_timeout=600)
+    assert job is not None
+    return job
+
+
+def _submit(db_session: Session, principal: Principal, secret_key: bytes, body: Any
+            ) -> DeletionRequest:
+    request, _ = requests.create(db_session, principal=principal, body=body,
+                                 idempotency_key=None, secret_key=secret_key)
+    return request
+
+
+def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer,
+         secret_key: bytes, now: datetime | None = None) -> Seeded:
+    now = now or utcnow()
+    seeded = Seeded()
+    with session_scope(factory) as db_session:
+        for role, client_name in (("operator", "lethe-ops"), ("auditor", "compliance"),
+                                  ("requester", "acme-bank")):
+            _, plain = keys.create(db_session, role=Role(role), client_id=client_name)
+            seeded.keys[role] = plain
+        acme, globex = (Principal(key_id=key.id, role=Role.requester, client_id=key.client_id)
+                        for key, _ in (keys.create(db_session, role=Role.requester,
+                                                   client_id=client)
+                                       for client in ("acme-bank", "globex")))
+
+        for name in ("fashion-mnist", "digits"):
+            dataset = datasets.create(db_session, dataset_in=DatasetCreate(name=name),
+                                      actor="system")
+            rows = [Sample(dataset_id=dataset.id, sample_key=f"{name}-{i:04d}",
+                           subject_hash=subject_hash(secret_key, f"customer-{i // 4}"),
+                           label=i % 10, split="train", locator=f"train.safetensors#{i}")
+                    for i in range(64)]
+            rows += [Sample(dataset_id=dataset.id, sample_key=f"{name}-{split}-{i:04d}",
+                            subject_hash=None, label=i % 10, split=split,
+                            locator=f"{split}.safetensors#{i}")
+                     for i in range(20) for split in ("holdout", "test")
+                     if not (split == "test" and i >= 10)]
+            db_session.add_all(rows)
+            # One request per job, so each job below carries exactly the request it is for.
+            policy = Policy.model_validate({"batching": {"max_batch": 1},
+                                            "require_approval": name == "digits"})
+            architecture = ({"name": "cnn-small", "kwargs": {"in_channels": 1,
+                                                             "num_classes": 10}}
+                            if name == "fashion-mnist" else
+                            {"name": "mlp", "kwargs": {"in_channels": 1, "input_size": 8,
+                                                       "num_classes": 10}})
+            model = Model(name=MODEL if name == "fashion-mnist" else APPROVAL_MODEL,
+                          architecture=architecture, dataset_id=dataset.id,
+                          policy=policy.model_dump(mode="json"))
+            db_session.add(model)
+            db_session.flush()
+            registry.add_version(db_session, model=model, staged=_staged(store), store=store,
+                                 actor="key:seed", metrics={"test_accuracy": 0.912})
+            registry.set_alias(db_session, model=model, alias="production", number=1,
+                               actor="key:seed")
+        fashion = registry.get(db_session, name=MODEL)
+
+        # A job whose candidate fails verification at every level: the request fails.
+        failed = _submit(db_session, acme, secret_key,
+                         SubjectRequest(kind="subject", subject_ref="customer-0", model=MODEL))
+        job = _next_job(db_session)
+        jobs.report_progress(db_session, job_id=job.id, phase="match: epoch 5/5", step=100,
+                             total=100, metrics={"loss": 0.83, "forget_accuracy": 0.97})
+        jobs.begin_verification(db_session, job)
+        bad = report(passed=False, mia_accuracy=0.71, test_accuracy=0.905)
+        jobs.reject_candidate(db_session, job, staged=_staged(store), store=store, report=bad,
+                              metrics=bad["summary"])
+        jobs.fail(db_session, job, report=bad,
+                  reason="verification failed: " + "; ".join(bad["reasons"]))
+        seeded.requests["failed"], seeded.jobs["failed"] = failed.id, job.id
+
+        # Two jobs that pass and publish versions 3 and 4, with certificates.
+        for label, subject, mia, test in (("completed", "customer-1", 0.53, 0.908),
+                                          ("completed-2", "customer-2", 0.51, 0.906)):
+            done = _submit(db_session, acme if label == "completed" else globex, secret_key,
+                           SubjectRequest(kind="subject", subject_ref=subject, model=MODEL))
+            job = _next_job(db_session)
+            jobs.report_progress(db_session, job_id=job.id, phase="match: epoch 5/5", step=100,
+                                 total=100, metrics={"loss": 0.35})
+            jobs.begin_verification(db_session, job)
+            good = report(passed=True, mia_accuracy=mia, test_accuracy=test)
+            jobs.publish(db_session, job_id=job.id, staged=_staged(store), store=store,
+                         signer=signer, report=good, metrics=good["summary"],
+                         forgotten=_forgotten(db_session, job.id))
+            seeded.requests[label], seeded.jobs[label] = done.id, job.id
+        # An operator's upload, newer than every erasure: production may move to it.
+        registry.add_version(db_session, model=fashion, staged=_staged(store), store=store,
+                             actor="key:seed", status=VersionStatus.candidate)
+
+        # The running job, mid-way through unlearning.
+        running = _submit(db_session, acme, secret_key,
+                          SubjectRequest(kind="subject", subject_ref="customer-3", model=MODEL))
+        job = _next_job(db_session)
+        jobs.report_progress(db_session, job_id=job.id, phase="match: epoch 2/5", step=40,
+                             total=100, metrics={"loss": 0.412, "forget_accuracy": 0.62})
+        seeded.requests["processing"], seeded.jobs["running"] = running.id, job.id
+
+        # Queued requests with deadlines in every colour band, one overdue.
+        queued: list[tuple[str, str | None, Principal, int]] = [
+            ("overdue", "customer-4", acme, 32), ("red", "customer-5", globex, 27),
+            ("amber", "customer-6", acme, 22), ("green", "customer-7", globex, 5),
+            ("queued", "customer-8", acme, 0), ("class", None, globex, 1)]
+        for label, subject_ref, client, age_days in queued:
+            body: Any = (ClassRequest(kind="class", class_label=3, model=MODEL)
+                         if subject_ref is None else
+                         SubjectRequest(kind="subject", subject_ref=subject_ref, model=MODEL))
+            request = _submit(db_session, client, secret_key, body)
+            received = now - timedelta(days=age_days, hours=1)
+            db_session.execute(update(DeletionRequest).where(DeletionRequest.id == request.id)
+                               .values(received_at=received,
+                                       due_at=received + timedelta(days=30)))
+            seeded.requests[label] = request.id
+
+        nothing = _submit(db_session, globex, secret_key,
+                          SubjectRequest(kind="subject", subject_ref="nobody-we-know"))
+        seeded.requests["no_data"] = nothing.id
+        canceled = _submit(db_session, acme, secret_key,
+                           SubjectRequest(kind="subject", subject_ref="customer-9", model=MODEL))
+        requests.cancel(db_session, request=canceled, actor="key:seed")
+        seeded.requests["canceled"] = canceled.id
+        held = _submit(db_session, acme, secret_key,
+                       SubjectRequest(kind="subject", subject_ref="customer-10",
+                                      model=APPROVAL_MODEL))
+        seeded.requests["awaiting_approval"] = held.id
+
+        # Spread the finished requests' intake over the last weeks for the per-day chart.
+        for index, label in enumerate(("failed", "completed", "completed-2", "no_data",
+                                       "canceled")):
+            db_session.execute(update(DeletionRequest)
+                               .where(DeletionRequest.id == seeded.requests[label])
+                               .values(received_at=now - timedelta(days=3 + 4 * index)))
+        assert db_session.scalar(select(DeletionRequest.status).where(
+            DeletionRequest.id == running.id)) == RequestStatus.processing.value
+    return seeded
