@@ -1,0 +1,184 @@
+"""Batching benchmark: time from request to published version for batches of N subject
+requests on Fashion-MNIST, on the CPU, through the real pipeline.
+
+    .venv/bin/python benchmarks/batching.py [--sizes 1,10,100] [--repeats 1]
+
+For each batch size N: a fresh SQLite deployment (the embedded default) registers the same
+original over HTTP, N subjects ask to be forgotten, the batcher makes one job of them and the
+worker pipeline runs it in this process (claim, load, unlearn, verify, publish). The clock runs
+from the first request's submission to the publish commit; the phases are read from the job's
+timestamps. What batching buys is the ratio time(N) / time(1): a job's cost is mostly fixed
+(loading the retain set, the method's step budget, the attacks), so it is shared by the batch.
+
+Writes benchmarks/results/batching-fashion-mnist.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from app.auth import service as keys  # noqa: E402
+from app.auth.models import Role  # noqa: E402
+from app.core.config import Settings  # noqa: E402
+from app.core.db import session_scope  # noqa: E402
+from app.core.migrate import upgrade  # noqa: E402
+from app.jobs import service as jobs  # noqa: E402
+from app.jobs.models import UnlearningJob  # noqa: E402
+from app.main import create_app  # noqa: E402
+from unlearning.data.catalog import MANIFEST_NAME, iter_manifest  # noqa: E402
+from unlearning.training import Recipe  # noqa: E402
+from worker import pipeline  # noqa: E402
+from worker.context import WorkerContext  # noqa: E402
+from worker.world import World, build_world  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+MODEL = "fashion-cnn"
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average": os.getloadavg()}
+
+
+def run_once(world: World, size: int, workdir: Path) -> dict[str, Any]:
+    data_dir = workdir / f"n{size}"
+    settings = Settings(data_dir=data_dir, secret_key="bench", device="cpu",
+                        access_log=False, log_format="text")
+    shutil.copytree(world.weights.parent.parent / "datasets" / world.store,
+                    settings.resolved_dataset_dir / world.store)
+    upgrade(settings.resolved_database_url)
+    app = create_app(settings)
+    with TestClient(app) as api:
+        with session_scope(app.state.sessionmaker) as db_session:
+            operator = {"Authorization": "Bearer " + keys.create(
+                db_session, role=Role.operator, client_id="ops")[1]}
+            requester = {"Authorization": "Bearer " + keys.create(
+                db_session, role=Role.requester, client_id="acme")[1]}
+        store = settings.resolved_dataset_dir / world.store
+        policy = {"batching": {"max_batch": size, "max_wait_seconds": 0},
+                  "training_recipe": world.recipe.to_dict()}
+        for response in (
+            api.post("/v1/datasets", json={"name": "fashion", "store": world.store},
+                     headers=operator),
+            api.post("/v1/datasets/fashion/samples",
+                     content=(store / MANIFEST_NAME).read_bytes(),
+                     headers={**operator, "Content-Type": "application/x-ndjson"}),
+            api.post("/v1/models", json={"name": MODEL, "architecture": world.architecture,
+                                         "dataset": "fashion", "policy": policy},
+                     headers=operator),
+            api.post(f"/v1/models/{MODEL}/versions", content=world.weights.read_bytes(),
+                     headers={**operator, "Content-Type": "application/octet-stream"}),
+            api.put(f"/v1/models/{MODEL}/aliases/production", json={"version": 1},
+                    headers=operator),
+        ):
+            response.raise_for_status()
+        subjects: list[str] = []
+        for row in iter_manifest(store):
+            if row["split"] == "train" and row["subject_ref"] not in subjects:
+                subjects.append(str(row["subject_ref"]))
+                if len(subjects) == size:
+                    break
+        started = time.perf_counter()
+        for subject in subjects:
+            api.post("/v1/deletion-requests", json={"kind": "subject", "subject_ref": subject},
+                     headers=requester).raise_for_status()
+        submitted = time.perf_counter()
+        ctx = WorkerContext(settings)
+        with ctx.session() as db_session:
+            (job,) = jobs.plan_batches(db_session)
+        outcome = pipeline.run(ctx, job.id)
+        finished = time.perf_counter()
+        with ctx.session() as db_session:
+            row = db_session.get(UnlearningJob, job.id)
+            assert row is not None and row.started_at and row.finished_at
+            report = row.report or {}
+        ctx.engine.dispose()
+    app.state.engine.dispose()
+    summary = report.get("summary", {})
+    return {"requests": size, "outcome": outcome, "n_forget": summary.get("n_forget"),
+            "seconds_to_publish": round(finished - started, 2),
+            "intake_seconds": round(submitted - started, 2),
+            "job_seconds": round(finished - submitted, 2),
+            "method_seconds": report.get("seconds"), "method_steps": report.get("steps"),
+            "mia_accuracy": summary.get("mia_accuracy"),
+            "base_mia_accuracy": summary.get("base_mia_accuracy"),
+            "ks_p_value": summary.get("ks_p_value"),
+            "test_accuracy": summary.get("test_accuracy"),
+            "base_test_accuracy": summary.get("base_test_accuracy")}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    base = next(r for r in result["runs"] if r["requests"] == min(result["sizes"]))
+    lines = [
+        "# Batching: time from request to published version", "",
+        f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"torch {result['machine']['torch']}; load average at the start "
+        f"{result['machine']['load_average'][0]:.1f}.",
+        f"Data: {result['world']['dataset']}, {result['world']['train']} training images, "
+        "cnn-small; the embedded default (SQLite); policy method `match`.", "",
+        "| requests in the batch | forget samples | outcome | request → published (s) | "
+        "job (s) | method (s, steps) | MIA acc before → after | ratio to 1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in result["runs"]:
+        mia = (f"{run['base_mia_accuracy']:.3f} → {run['mia_accuracy']:.3f}"
+               if run.get("mia_accuracy") is not None else f"KS p={run['ks_p_value']:.3f}"
+               if run.get("ks_p_value") is not None else "—")
+        lines.append(
+            f"| {run['requests']} | {run['n_forget']} | {run['outcome']} | "
+            f"{run['seconds_to_publish']:.1f} | {run['job_seconds']:.1f} | "
+            f"{run['method_seconds']}, {run['method_steps']} | {mia} | "
+            f"{run['seconds_to_publish'] / base['seconds_to_publish']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,10,100")
+    parser.add_argument("--n-pool", type=int, default=60000,
+                        help="Training pool drawn from Fashion-MNIST's 60 000 (train+holdout).")
+    parser.add_argument("--out", default=str(RESULTS / "batching-fashion-mnist"))
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    world = build_world(REPO / ".lethe" / "bench-cache" / f"world-{args.n_pool}",
+                        data_dir=REPO / ".lethe", n_pool=args.n_pool, n_test=10000,
+                        holdout_fraction=0.1, samples_per_subject=5,
+                        recipe=Recipe(epochs=20, lr=0.05, weight_decay=5e-4), device="cpu")
+    train = sum(1 for row in iter_manifest(world.weights.parent.parent / "datasets" /
+                                            world.store) if row["split"] == "train")
+    result: dict[str, Any] = {"machine": machine(), "sizes": sizes,
+                              "world": {"dataset": world.dataset, "train": train,
+                                        **world.metrics}, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="lethe-batching-") as workdir:
+        for size in sizes:
+            run = run_once(world, size, Path(workdir))
+            print(json.dumps(run), flush=True)
+            result["runs"].append(run)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(result, indent=1))
+    Path(args.out + ".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
