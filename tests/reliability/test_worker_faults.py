@@ -9,8 +9,9 @@ processes on PostgreSQL and a private Redis, jobs that really unlearn (tests/wor
   and kills. After the sweeper's redelivery: one published version, every weights file under
   its final name matching the sha256 its row records (no orphan, nothing half-written), each
   request completed and certified exactly once.
-- Redis killed (it keeps nothing on disk) with a job's message queued and no worker to take
-  it, then started again empty: the sweeper sends the job again and everything completes."""
+- Redis killed (it keeps nothing on disk) with a job's message queued and no job worker to
+  take it (only the maintenance worker that runs the batcher and sweeper), then started
+  again empty: the sweeper sends the job again and everything completes."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from tests.worker.test_end_to_end import (
 )
 from unlearning.data.catalog import MANIFEST_NAME
 from worker import maintenance
+from worker.celery_app import MAINTENANCE_QUEUE
 from worker.context import WorkerContext
 from worker.world import World
 
@@ -197,7 +199,9 @@ def test_redis_restarted_empty_with_a_job_queued_everything_completes(
     # version (the model never saw them), so the test is about delivery, not unlearning time.
     services, data_dir = deployment
     services.start_api()
-    services.start("beat", "beat")  # batcher and sweeper; no worker yet
+    services.start("beat", "beat")
+    # the batcher and sweeper run as maintenance tasks: a worker for those, none for jobs yet
+    services.start("maintenance", "worker", "--queues", MAINTENANCE_QUEUE)
     headers = make_keys(postgres_url)
     store = data_dir / "datasets" / world.store
     keys = holdout_keys(store, 8)
@@ -223,7 +227,7 @@ def test_redis_restarted_empty_with_a_job_queued_everything_completes(
         services.wait_until(lambda: all_completed(api, requester, ids + late),
                             timeout=600, what="every request to complete after the restart",
                             every=2)
-        for name in ("api", "beat", "worker"):  # all survived the broker's restart
+        for name in ("api", "beat", "maintenance", "worker"):  # all survived the restart
             assert services.processes[name].poll() is None, services.log(name)[-3000:]
         for request_id in ids + late:
             body = api.get(f"{URL}/{request_id}", headers=requester).json()
