@@ -38,11 +38,11 @@ from app.core.migrate import upgrade  # noqa: E402
 from app.jobs import service as jobs  # noqa: E402
 from app.jobs.models import UnlearningJob  # noqa: E402
 from app.main import create_app  # noqa: E402
-from unlearning.data.catalog import MANIFEST_NAME, iter_manifest  # noqa: E402
+from unlearning.data.catalog import iter_manifest  # noqa: E402
 from unlearning.training import Recipe  # noqa: E402
 from worker import pipeline  # noqa: E402
 from worker.context import WorkerContext  # noqa: E402
-from worker.world import World, build_world  # noqa: E402
+from worker.world import World, build_world, register_world  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 MODEL = "fashion-cnn"
@@ -77,21 +77,8 @@ def run_once(world: World, size: int, workdir: Path) -> dict[str, Any]:
         store = settings.resolved_dataset_dir / world.store
         policy = {"batching": {"max_batch": size, "max_wait_seconds": 0},
                   "training_recipe": world.recipe.to_dict()}
-        for response in (
-            api.post("/v1/datasets", json={"name": "fashion", "store": world.store},
-                     headers=operator),
-            api.post("/v1/datasets/fashion/samples",
-                     content=(store / MANIFEST_NAME).read_bytes(),
-                     headers={**operator, "Content-Type": "application/x-ndjson"}),
-            api.post("/v1/models", json={"name": MODEL, "architecture": world.architecture,
-                                         "dataset": "fashion", "policy": policy},
-                     headers=operator),
-            api.post(f"/v1/models/{MODEL}/versions", content=world.weights.read_bytes(),
-                     headers={**operator, "Content-Type": "application/octet-stream"}),
-            api.put(f"/v1/models/{MODEL}/aliases/production", json={"version": 1},
-                    headers=operator),
-        ):
-            response.raise_for_status()
+        register_world(api, operator, world, store, dataset="fashion", model=MODEL,
+                       policy=policy)
         subjects: list[str] = []
         for row in iter_manifest(store):
             if row["split"] == "train" and row["subject_ref"] not in subjects:

@@ -18,9 +18,9 @@ from typing import Any
 import click
 import httpx
 
-from unlearning.data.catalog import MANIFEST_NAME, iter_manifest
+from unlearning.data.catalog import iter_manifest
 from unlearning.training import Recipe
-from worker.world import World, build_world
+from worker.world import World, build_world, register_world
 
 MODEL = "fashion-classifier"
 DATASET = "fashion"
@@ -85,22 +85,9 @@ def _drive(api: httpx.Client, settings: Any, world: World, store: Path, subjects
            data_dir: Path) -> int:
     operator, requester = _keys(settings)
     say("3/7  Registering dataset, samples, model and version 1 over HTTP", bold=True)
-    manifest = (store / MANIFEST_NAME).read_bytes()
     policy = {"batching": {"max_batch": subjects, "max_wait_seconds": 30},
               "training_recipe": world.recipe.to_dict()}
-    for response in (
-        api.post("/v1/datasets", json={"name": DATASET, "store": world.store},
-                 headers=operator),
-        api.post(f"/v1/datasets/{DATASET}/samples", content=manifest,
-                 headers={**operator, "Content-Type": "application/x-ndjson"}),
-        api.post("/v1/models", json={"name": MODEL, "architecture": world.architecture,
-                                     "dataset": DATASET, "policy": policy}, headers=operator),
-        api.post(f"/v1/models/{MODEL}/versions", content=world.weights.read_bytes(),
-                 headers={**operator, "Content-Type": "application/octet-stream"}),
-        api.put(f"/v1/models/{MODEL}/aliases/production", json={"version": 1},
-                headers=operator),
-    ):
-        response.raise_for_status()
+    register_world(api, operator, world, store, dataset=DATASET, model=MODEL, policy=policy)
     counts = api.get(f"/v1/datasets/{DATASET}", headers=operator).json()["samples"]
     say(f"     {counts['train']} training, {counts['holdout']} holdout and {counts['test']} "
         "test samples; subjects stored as keyed hashes only")

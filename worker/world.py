@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from unlearning.architectures import build_model
-from unlearning.data.catalog import SplitSpec, iter_manifest, write_dataset_store
+from unlearning.data.catalog import MANIFEST_NAME, SplitSpec, iter_manifest, write_dataset_store
 from unlearning.data.datasets import DatasetUnavailable, ImageDataset, load_dataset
 from unlearning.data.store import load_samples
 from unlearning.loops import SampleSet, evaluate
@@ -109,3 +110,28 @@ def _build(root: Path, arguments: dict[str, Any], *, data_dir: Path | None, reci
                            metadata={"recipe": json.dumps(recipe.to_dict())})
     return World(dataset=dataset, store=store, architecture=architecture, recipe=recipe,
                  weights=weights, metrics=metrics)
+
+
+def register_world(api: Any, operator: dict[str, str], world: World, store: Path, *,
+                   dataset: str, model: str, policy: dict[str, Any]) -> None:
+    """Register the world with a running API as an operator would, over HTTP: the dataset,
+    its manifest from ``store``, the model with ``policy``, the original as version 1 and
+    the production alias on it. ``api`` is an ``httpx.Client`` (or FastAPI's TestClient);
+    a refused step raises ``httpx.HTTPStatusError`` with the problem body."""
+    for response in (
+        api.post("/v1/datasets", json={"name": dataset, "store": world.store},
+                 headers=operator),
+        api.post(f"/v1/datasets/{dataset}/samples",
+                 content=(store / MANIFEST_NAME).read_bytes(),
+                 headers={**operator, "Content-Type": "application/x-ndjson"}),
+        api.post("/v1/models", json={"name": model, "architecture": world.architecture,
+                                     "dataset": dataset, "policy": policy}, headers=operator),
+        api.post(f"/v1/models/{model}/versions", content=world.weights.read_bytes(),
+                 headers={**operator, "Content-Type": "application/octet-stream"}),
+        api.put(f"/v1/models/{model}/aliases/production", json={"version": 1},
+                headers=operator),
+    ):
+        if response.status_code >= 300:
+            raise httpx.HTTPStatusError(f"{response.request.method} {response.request.url}: "
+                                        f"{response.status_code} {response.text}",
+                                        request=response.request, response=response)

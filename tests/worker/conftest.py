@@ -20,7 +20,7 @@ from app.core.db import session_scope
 from app.main import create_app
 from unlearning.training import Recipe
 from worker.context import WorkerContext
-from worker.world import World, build_world
+from worker.world import World, build_world, register_world
 
 REPO = Path(__file__).resolve().parents[2]
 # Small batches, long enough to memorise the training split: the membership signal to remove.
@@ -78,25 +78,9 @@ class Deployment:
 def register(client: TestClient, operator: dict[str, str], world: World,
              policy: dict[str, Any]) -> None:
     """Dataset, manifest, model, original weights and the production alias, over HTTP."""
-    from unlearning.data.catalog import MANIFEST_NAME
-
     settings: Settings = client.app.state.settings  # type: ignore[attr-defined]
-    manifest = (settings.resolved_dataset_dir / world.store / MANIFEST_NAME).read_bytes()
-    steps = [
-        client.post("/v1/datasets", json={"name": "fashion", "store": world.store},
-                    headers=operator),
-        client.post("/v1/datasets/fashion/samples", content=manifest,
-                    headers={**operator, "Content-Type": "application/x-ndjson"}),
-        client.post("/v1/models", json={"name": MODEL, "architecture": world.architecture,
-                                         "dataset": "fashion", "policy": policy},
-                    headers=operator),
-        client.post(f"/v1/models/{MODEL}/versions", content=world.weights.read_bytes(),
-                    headers={**operator, "Content-Type": "application/octet-stream"}),
-        client.put(f"/v1/models/{MODEL}/aliases/production", json={"version": 1},
-                   headers=operator),
-    ]
-    for response in steps:
-        assert response.status_code < 300, response.text
+    register_world(client, operator, world, settings.resolved_dataset_dir / world.store,
+                   dataset="fashion", model=MODEL, policy=policy)
 
 
 def make_deployment(database_url: str, data_dir: Path, world: World,

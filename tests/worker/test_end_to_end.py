@@ -25,7 +25,7 @@ from tests.conftest import REDIS_URL, service_unavailable
 from tests.worker.conftest import FAST_POLICY, MODEL
 from tests.worker.services import REPO, Services
 from unlearning.data.catalog import MANIFEST_NAME
-from worker.world import World
+from worker.world import World, register_world
 
 pytestmark = pytest.mark.slow
 URL = "/v1/deletion-requests"
@@ -47,20 +47,7 @@ def make_keys(database_url: str) -> dict[str, dict[str, str]]:
 
 
 def register(api: httpx.Client, operator: dict[str, str], world: World, store: Path) -> None:
-    manifest = (store / MANIFEST_NAME).read_bytes()
-    for response in (
-        api.post("/v1/datasets", json={"name": "fashion", "store": world.store},
-                 headers=operator),
-        api.post("/v1/datasets/fashion/samples", content=manifest,
-                 headers={**operator, "Content-Type": "application/x-ndjson"}),
-        api.post("/v1/models", json={"name": MODEL, "architecture": world.architecture,
-                                     "dataset": "fashion", "policy": POLICY}, headers=operator),
-        api.post(f"/v1/models/{MODEL}/versions", content=world.weights.read_bytes(),
-                 headers={**operator, "Content-Type": "application/octet-stream"}),
-        api.put(f"/v1/models/{MODEL}/aliases/production", json={"version": 1},
-                headers=operator),
-    ):
-        assert response.status_code < 300, response.text
+    register_world(api, operator, world, store, dataset="fashion", model=MODEL, policy=POLICY)
 
 
 def copy_store(world: World, data_dir: Path) -> Path:
