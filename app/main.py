@@ -23,6 +23,7 @@ from app.models_registry.artifacts import ArtifactStore
 from app.models_registry.views import router as models_router
 from app.observability.metrics import router as metrics_router
 from app.observability.middleware import ObservabilityMiddleware
+from app.requests.intake import group_committer
 from app.requests.views import router as requests_router
 from app.serving.service import ModelServer
 from app.serving.views import router as serving_router
@@ -54,11 +55,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.artifact_store = ArtifactStore(settings.resolved_artifact_dir)
     app.state.signer = Signer.from_pem(settings.signing_key_pem())
     app.state.model_server = ModelServer(app.state.artifact_store)
+    app.state.intake = group_committer(app.state.sessionmaker, app.state.secret_key)
 
     install_problem_handlers(app)
     # A request waits for admission before it holds a thread or a connection (admission.py).
     app.add_middleware(AdmissionMiddleware, limit=min(pool_capacity(engine), THREADPOOL_TOKENS),
-                       exempt=frozenset({"/healthz"}))
+                       exempt=frozenset({"/healthz"}),
+                       exempt_routes=frozenset({("POST", "/v1/deletion-requests")}))
     app.add_middleware(BodyLimitMiddleware, default_limit=settings.max_body_bytes,
                        upload_limit=settings.max_upload_bytes, upload_paths=UPLOAD_PATHS)
     # Outermost, so even a request refused by admission or the body limit gets an id and a

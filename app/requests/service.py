@@ -29,7 +29,14 @@ from app.audit import service as audit
 from app.auth.models import Role
 from app.auth.service import Principal
 from app.core.db import utcnow
-from app.core.errors import BadRequest, Conflict, NotFound, Unprocessable, UnstorableValue
+from app.core.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    Problem,
+    Unprocessable,
+    UnstorableValue,
+)
 from app.core.security import subject_hash
 from app.datasets.models import Sample
 from app.models_registry.models import Model, ModelVersion, Policy
@@ -150,6 +157,60 @@ def _resolve(db_session: Session, body: AnyCreate, subject: str | None, client_i
     return resolution
 
 
+def _resolve_many(db_session: Session, items: Sequence[tuple[AnyCreate, str | None, str]]
+                  ) -> list[Resolution | Problem]:
+    """``_resolve`` for a batch of (body, subject hash, client) in a fixed number of queries:
+    the models, the held samples of every subject in the batch per model, and which clients
+    have webhooks. Subject requests are nearly all of intake; the other kinds (a sample list,
+    a class, a backdoor) resolve one by one."""
+    subjects = {subject for body, subject, _ in items if isinstance(body, SubjectRequest)}
+    if not subjects:
+        return [_resolve_or_problem(db_session, body, subject, client)
+                for body, subject, client in items]
+    models = {row.id: row for row in db_session.execute(
+        select(Model.id, Model.name, Model.dataset_id, Model.policy))}
+    # Per dataset, not joined to the models: both lists are literal, so the lookup is the
+    # (dataset_id, subject_hash) index's, whatever the planner's statistics say.
+    per_dataset: dict[tuple[int, str], int] = {
+        (dataset_id, str(subject)): count for dataset_id, subject, count in db_session.execute(
+            select(Sample.dataset_id, Sample.subject_hash, func.count())
+            .where(Sample.dataset_id.in_({row.dataset_id for row in models.values()}),
+                   Sample.subject_hash.in_(subjects), Sample.forgotten_at.is_(None))
+            .group_by(Sample.dataset_id, Sample.subject_hash))} if models else {}
+    held: dict[str, dict[int, int]] = {}
+    for (dataset_id, subject), count in per_dataset.items():
+        for model in models.values():
+            if model.dataset_id == dataset_id:
+                held.setdefault(subject, {})[model.id] = count
+    subscribed = webhooks.subscribed_clients(db_session, {client for _, _, client in items})
+    names = {row.name for row in models.values()}
+    resolutions: list[Resolution | Problem] = []
+    for body, subject, client in items:
+        if not isinstance(body, SubjectRequest) or (body.model is not None
+                                                    and body.model not in names):
+            # An unknown model is answered as alone: it may also be a name the database
+            # cannot even store.
+            resolutions.append(_resolve_or_problem(db_session, body, subject, client))
+            continue
+        resolution = Resolution(subscribed=client in subscribed)
+        for model_id, count in held.get(subject or "", {}).items():
+            model = models[model_id]
+            if body.model is None or model.name == body.model:
+                resolution.counts[model_id] = count
+                resolution.models[model_id] = ModelInScope(model.name,
+                                                           Policy.model_validate(model.policy))
+        resolutions.append(resolution)
+    return resolutions
+
+
+def _resolve_or_problem(db_session: Session, body: AnyCreate, subject: str | None,
+                        client_id: str) -> Resolution | Problem:
+    try:
+        return _resolve(db_session, body, subject, client_id)
+    except Problem as problem:
+        return problem
+
+
 def samples_covered(db_session: Session, *, request: DeletionRequest, dataset_id: int
                     ) -> list[Sample]:
     return list(db_session.scalars(select(Sample).where(
@@ -162,6 +223,21 @@ def _payload(body: AnyCreate) -> dict[str, Any]:
     return body.model_dump(mode="json", exclude={"kind", "model", "subject_ref"})
 
 
+@dataclass(frozen=True)
+class Submission:
+    """One request to record: who asks, what, under which Idempotency-Key, and the trace of
+    the HTTP request that carried it."""
+
+    principal: Principal
+    body: AnyCreate
+    idempotency_key: str | None = None
+    trace_id: str | None = None
+
+
+# A recorded request as the API shows it, and whether it replays an earlier one.
+Submitted = tuple[DeletionRequestRead, bool]
+
+
 def create(
     db_session: Session, *, principal: Principal, body: AnyCreate,
     idempotency_key: str | None, secret_key: bytes,
@@ -170,31 +246,122 @@ def create(
 
     Returns the request and whether it is a replay of an earlier one with the same
     Idempotency-Key and body."""
-    request, _, replayed = _create(db_session, principal, body, idempotency_key, secret_key)
+    request, _, replayed = _create(
+        db_session, Submission(principal, body, idempotency_key, get_request_id()), secret_key)
     return request, replayed
 
 
 def submit(
     db_session: Session, *, principal: Principal, body: AnyCreate,
     idempotency_key: str | None, secret_key: bytes,
-) -> tuple[DeletionRequestRead, bool]:
+) -> Submitted:
     """``create``, answered as the API shows it. A new request is shown from what intake
     wrote, without reading it back; a replay is read, its targets may have moved on."""
-    request, targets, replayed = _create(db_session, principal, body, idempotency_key,
-                                         secret_key)
+    return _submit_one(
+        db_session, Submission(principal, body, idempotency_key, get_request_id()), secret_key)
+
+
+def _submit_one(db_session: Session, submission: Submission, secret_key: bytes) -> Submitted:
+    request, targets, replayed = _create(db_session, submission, secret_key)
     if targets is None:
         return to_read(db_session, [request])[0], replayed
     return _read_model(request, targets, utcnow()), replayed
 
 
-def _create(
-    db_session: Session, principal: Principal, body: AnyCreate, idempotency_key: str | None,
-    secret_key: bytes,
-) -> tuple[DeletionRequest, list[TargetRead] | None, bool]:
-    body_fingerprint = fingerprint(body)
+def submit_many(db_session: Session, submissions: Sequence[Submission], *, secret_key: bytes
+                ) -> list[Submitted | Problem]:
+    """Record many requests in one transaction: group commit. Each answer is what
+    ``submit`` would have answered for that submission alone (the request as shown, or the
+    problem it raised); what costs a round trip (the key lookups, the resolution, the
+    inserts, the audit append, the commit) is paid once for the batch.
+
+    Idempotency: a key already recorded replays its request; within the batch, the first
+    use of a key is recorded and later uses replay it. Should the commit still fail (a key
+    committed meanwhile by another process, a value the database cannot store), the batch is
+    rolled back and each submission recorded on its own, so one cannot fail another."""
     try:
-        request, targets = _intake(db_session, principal, body, idempotency_key,
-                                   body_fingerprint, secret_key)
+        return _submit_together(db_session, submissions, secret_key)
+    except (IntegrityError, DataError):
+        db_session.rollback()
+        return [_submit_or_problem(db_session, s, secret_key) for s in submissions]
+
+
+def _submit_together(db_session: Session, submissions: Sequence[Submission], secret_key: bytes
+                     ) -> list[Submitted | Problem]:
+    results: list[Submitted | Problem | None] = [None] * len(submissions)
+    prints = [fingerprint(s.body) for s in submissions]
+    keys = [(s.principal.client_id, s.idempotency_key) if s.idempotency_key is not None
+            else None for s in submissions]
+    recorded = _by_idempotency_keys(db_session, {key for key in keys if key is not None})
+    replays: dict[int, DeletionRequest] = {}
+    first_use: dict[tuple[str, str], int] = {}
+    fresh: list[int] = []
+    repeats: list[tuple[int, int]] = []  # (a later use of a key, its first use in the batch)
+    for i, key in enumerate(keys):
+        if key is not None and key in recorded:
+            try:
+                replays[i] = _replay(recorded[key], prints[i])
+            except Conflict as conflict:
+                results[i] = conflict
+        elif key is not None and key in first_use:
+            repeats.append((i, first_use[key]))
+        else:
+            if key is not None:
+                first_use[key] = i
+            fresh.append(i)
+    if replays:
+        for i, read in zip(replays, to_read(db_session, list(replays.values())), strict=True):
+            results[i] = (read, True)
+
+    subjects = {i: _subject(submissions[i].body, secret_key) for i in fresh}
+    resolutions = _resolve_many(db_session, [
+        (submissions[i].body, subjects[i], submissions[i].principal.client_id) for i in fresh])
+    now = utcnow()
+    written: dict[int, tuple[DeletionRequest, list[TargetRead]]] = {}
+    for i, resolution in zip(fresh, resolutions, strict=True):
+        if isinstance(resolution, Problem):
+            results[i] = resolution
+        else:
+            written[i] = _intake(db_session, submissions[i], prints[i], subjects[i],
+                                 resolution, now)
+    db_session.commit()
+    for i, (request, targets) in written.items():
+        results[i] = (_read_model(request, targets, now), False)
+    for i, first in repeats:
+        earlier = results[first]
+        if isinstance(earlier, tuple) and prints[i] == prints[first]:
+            results[i] = (earlier[0], True)
+        elif isinstance(earlier, tuple):
+            results[i] = Conflict("This Idempotency-Key was already used with a different "
+                                  "body.", request_id=earlier[0].id)
+        else:  # the first use failed: this one is judged on its own
+            results[i] = _submit_or_problem(db_session, submissions[i], secret_key)
+    return _complete(results)
+
+
+def _submit_or_problem(db_session: Session, submission: Submission, secret_key: bytes
+                       ) -> Submitted | Problem:
+    try:
+        return _submit_one(db_session, submission, secret_key)
+    except Problem as problem:
+        db_session.rollback()
+        return problem
+
+
+def _complete(results: list[Submitted | Problem | None]) -> list[Submitted | Problem]:
+    assert all(result is not None for result in results), "a submission was left unanswered"
+    return [result for result in results if result is not None]
+
+
+def _create(db_session: Session, submission: Submission, secret_key: bytes
+            ) -> tuple[DeletionRequest, list[TargetRead] | None, bool]:
+    principal, idempotency_key = submission.principal, submission.idempotency_key
+    body_fingerprint = fingerprint(submission.body)
+    try:
+        subject = _subject(submission.body, secret_key)
+        resolution = _resolve(db_session, submission.body, subject, principal.client_id)
+        request, targets = _intake(db_session, submission, body_fingerprint, subject,
+                                   resolution, utcnow())
         db_session.commit()
     except (IntegrityError, Unprocessable):
         # The key is looked up only when intake fails, not before every request: the unique
@@ -218,6 +385,19 @@ def _by_idempotency_key(db_session: Session, client_id: str, key: str
         DeletionRequest.client_id == client_id, DeletionRequest.idempotency_key == key))
 
 
+def _by_idempotency_keys(db_session: Session, keys: set[tuple[str, str]]
+                         ) -> dict[tuple[str, str], DeletionRequest]:
+    if not keys:
+        return {}
+    # Two lists rather than a list of pairs: the unique (client_id, idempotency_key) index
+    # serves it; the few extra pairs it may return are dropped here.
+    found = db_session.scalars(select(DeletionRequest).where(
+        DeletionRequest.client_id.in_({client for client, _ in keys}),
+        DeletionRequest.idempotency_key.in_({key for _, key in keys})))
+    return {pair: r for r in found
+            if (pair := (r.client_id, r.idempotency_key or "")) in keys}
+
+
 def _replay(existing: DeletionRequest, body_fingerprint: str) -> DeletionRequest:
     if existing.fingerprint != body_fingerprint:
         raise Conflict("This Idempotency-Key was already used with a different body.",
@@ -225,24 +405,25 @@ def _replay(existing: DeletionRequest, body_fingerprint: str) -> DeletionRequest
     return existing
 
 
-def _intake(db_session: Session, principal: Principal, body: AnyCreate,
-            idempotency_key: str | None, body_fingerprint: str, secret_key: bytes
+def _subject(body: AnyCreate, secret_key: bytes) -> str | None:
+    return subject_hash(secret_key, body.subject_ref) if isinstance(body, SubjectRequest) else None
+
+
+def _intake(db_session: Session, submission: Submission, body_fingerprint: str,
+            subject: str | None, resolution: Resolution, now: datetime
             ) -> tuple[DeletionRequest, list[TargetRead]]:
     """The request, its targets and its first transition, written in one flush at commit
     (the unique idempotency key is checked there). Returns the request and its targets as
     the API shows them."""
-    now = utcnow()
-    subject = (subject_hash(secret_key, body.subject_ref)
-               if isinstance(body, SubjectRequest) else None)
-    resolution = _resolve(db_session, body, subject, principal.client_id)
+    principal, body = submission.principal, submission.body
     due_days = min((m.policy.due_days for m in resolution.models.values()),
                    default=DEFAULT_DUE_DAYS)
     request = DeletionRequest(
         id=str(uuid.uuid4()), client_id=principal.client_id, api_key_id=principal.key_id,
         kind=body.kind, subject_hash=subject, payload={**_payload(body), **resolution.details},
-        model_scope=body.model, idempotency_key=idempotency_key, fingerprint=body_fingerprint,
-        trace_id=get_request_id(), status=RequestStatus.received.value, received_at=now,
-        updated_at=now,
+        model_scope=body.model, idempotency_key=submission.idempotency_key,
+        fingerprint=body_fingerprint, trace_id=submission.trace_id,
+        status=RequestStatus.received.value, received_at=now, updated_at=now,
         due_at=now + timedelta(days=due_days),
     )
     db_session.add(request)

@@ -14,9 +14,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.service import Principal
 from app.core.db import session_scope
-from app.core.deps import CurrentKey, Operator, Reader, SecretKeyDep, SessionDep, Submitter
+from app.core.deps import (
+    CurrentKey,
+    Operator,
+    PresentedKey,
+    Reader,
+    SecretKeyDep,
+    SessionDep,
+    Submitter,
+)
 from app.core.errors import PROBLEM, Problem
+from app.core.group_commit import GroupCommit
+from app.observability.request_id import get_request_id
 from app.requests import service
+from app.requests.intake import Presented
 from app.requests.models import (
     CREATE_EXAMPLES,
     BulkCreate,
@@ -29,6 +40,7 @@ from app.requests.models import (
     RequestKind,
     RequestStatus,
 )
+from app.requests.service import Submitted
 
 router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
 
@@ -47,20 +59,24 @@ def _one(db_session: SessionDep, request_id: str, principal: CurrentKey) -> Dele
     summary="Record a deletion request",
     responses={409: PROBLEM, 422: PROBLEM},
 )
-def create_request(
-    response: Response, db_session: SessionDep, principal: Submitter, secret_key: SecretKeyDep,
+async def create_request(
+    request: Request, response: Response, key: PresentedKey,
     body: Annotated[DeletionRequestCreate, Body(openapi_examples=CREATE_EXAMPLES)],
     idempotency_key: IdempotencyKey = None,
 ) -> DeletionRequestRead:
     """Accepted requests are queued for unlearning (or held for approval where the model's
     policy asks for it); a subject with nothing held in any model is closed at once with
-    outcome `no_data`. Poll the `Location` for progress."""
-    request, replayed = service.submit(db_session, principal=principal, body=body,
-                                       idempotency_key=idempotency_key, secret_key=secret_key)
-    response.headers["Location"] = f"{router.prefix}/{request.id}"
+    outcome `no_data`. Poll the `Location` for progress.
+
+    Requests that arrive together are recorded in one transaction (app/requests/intake.py);
+    each is answered only once it is committed."""
+    intake: GroupCommit[Presented, Submitted] = request.app.state.intake
+    recorded, replayed = await intake.submit(Presented(
+        key=key, body=body, idempotency_key=idempotency_key, trace_id=get_request_id()))
+    response.headers["Location"] = f"{router.prefix}/{recorded.id}"
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return request
+    return recorded
 
 
 @router.post(":bulk", response_model=BulkResult, summary="Record up to 100 deletion requests")
@@ -68,20 +84,19 @@ def create_bulk(
     db_session: SessionDep, principal: Submitter, secret_key: SecretKeyDep, body: BulkCreate,
     idempotency_key: IdempotencyKey = None,
 ) -> BulkResult:
-    """Each item is recorded on its own: one bad item does not stop the others. With an
-    `Idempotency-Key`, item *i* uses the key `<key>:<i>`."""
+    """Recorded in one transaction, but each item on its own account: one bad item does not
+    stop the others. With an `Idempotency-Key`, item *i* uses the key `<key>:<i>`."""
+    submissions = [service.Submission(
+        principal, item, f"{idempotency_key}:{index}" if idempotency_key else None,
+        get_request_id()) for index, item in enumerate(body.requests)]
     succeeded, failed = [], []
-    for index, item in enumerate(body.requests):
-        key = f"{idempotency_key}:{index}" if idempotency_key else None
-        try:
-            request, _ = service.submit(db_session, principal=principal, body=item,
-                                        idempotency_key=key, secret_key=secret_key)
-        except Problem as problem:
-            db_session.rollback()
-            failed.append(BulkFailure(index=index, status=problem.status, title=problem.title,
-                                      detail=problem.detail))
-            continue
-        succeeded.append(request)
+    for index, answer in enumerate(service.submit_many(db_session, submissions,
+                                                       secret_key=secret_key)):
+        if isinstance(answer, Problem):
+            failed.append(BulkFailure(index=index, status=answer.status, title=answer.title,
+                                      detail=answer.detail))
+        else:
+            succeeded.append(answer[0])
     return BulkResult(succeeded=succeeded, failed=failed)
 
 
