@@ -20,7 +20,7 @@ import httpx
 
 from unlearning.data.catalog import iter_manifest
 from unlearning.training import Recipe
-from worker.world import World, build_world, register_world
+from worker.world import World, api_keys, build_world, register_world, subjects_in
 
 MODEL = "fashion-classifier"
 DATASET = "fashion"
@@ -83,7 +83,8 @@ def run_demo(data_dir: Path, *, port: int, subjects: int) -> int:
 
 def _drive(api: httpx.Client, settings: Any, world: World, store: Path, subjects: int,
            data_dir: Path) -> int:
-    operator, requester = _keys(settings)
+    operator, requester = api_keys(settings.resolved_database_url,
+                                   operator_client="demo-ops", requester_client="demo-shop")
     say("3/7  Registering dataset, samples, model and version 1 over HTTP", bold=True)
     policy = {"batching": {"max_batch": subjects, "max_wait_seconds": 30},
               "training_recipe": world.recipe.to_dict()}
@@ -95,7 +96,7 @@ def _drive(api: httpx.Client, settings: Any, world: World, store: Path, subjects
     say(f"     predict answers with version {served}")
 
     say(f"4/7  {subjects} data subjects ask to be forgotten", bold=True)
-    owners = _subjects(store, subjects)
+    owners = subjects_in(store, subjects)
     submitted = time.monotonic()
     ids = []
     for owner in owners:
@@ -169,29 +170,6 @@ def _drive(api: httpx.Client, settings: Any, world: World, store: Path, subjects
     say(f"     check one offline: lethe certificate verify {path} --public-key "
         f"{data_dir / 'public-key.pem'}")
     return 0
-
-
-def _keys(settings: Any) -> tuple[dict[str, str], dict[str, str]]:
-    from app.auth import service as keys
-    from app.auth.models import Role
-    from app.core.db import make_engine, make_sessionmaker, session_scope
-
-    engine = make_engine(settings.resolved_database_url)
-    with session_scope(make_sessionmaker(engine)) as db_session:
-        operator = keys.create(db_session, role=Role.operator, client_id="demo-ops")[1]
-        requester = keys.create(db_session, role=Role.requester, client_id="demo-shop")[1]
-    engine.dispose()
-    return ({"Authorization": f"Bearer {operator}"}, {"Authorization": f"Bearer {requester}"})
-
-
-def _subjects(store: Path, n: int) -> list[str]:
-    owners: list[str] = []
-    for row in iter_manifest(store):
-        if row["split"] == "train" and row["subject_ref"] not in owners:
-            owners.append(str(row["subject_ref"]))
-            if len(owners) == n:
-                break
-    return owners
 
 
 def _predict(api: httpx.Client, headers: dict[str, str], store: Path) -> int:

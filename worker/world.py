@@ -135,3 +135,30 @@ def register_world(api: Any, operator: dict[str, str], world: World, store: Path
             raise httpx.HTTPStatusError(f"{response.request.method} {response.request.url}: "
                                         f"{response.status_code} {response.text}",
                                         request=response.request, response=response)
+
+
+def subjects_in(store: Path, n: int) -> list[str]:
+    """The first ``n`` subjects of the store's train split, in manifest order."""
+    owners: list[str] = []
+    for row in iter_manifest(store):
+        if row["split"] == "train" and row["subject_ref"] not in owners:
+            owners.append(str(row["subject_ref"]))
+            if len(owners) == n:
+                break
+    return owners
+
+
+def api_keys(database_url: str, *, operator_client: str = "ops",
+             requester_client: str = "acme") -> tuple[dict[str, str], dict[str, str]]:
+    """An operator's and a requester's ``Authorization`` headers, the keys created in the
+    database as `lethe keys create` would."""
+    from app.auth import service as keys
+    from app.auth.models import Role
+    from app.core.db import make_engine, make_sessionmaker, session_scope
+
+    engine = make_engine(database_url)
+    with session_scope(make_sessionmaker(engine)) as db_session:
+        operator = keys.create(db_session, role=Role.operator, client_id=operator_client)[1]
+        requester = keys.create(db_session, role=Role.requester, client_id=requester_client)[1]
+    engine.dispose()
+    return {"Authorization": f"Bearer {operator}"}, {"Authorization": f"Bearer {requester}"}
