@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from common import RESULTS, machine, service_world, write_results  # noqa: E402,I001 - puts the repo on sys.path
 from fastapi.testclient import TestClient  # noqa: E402
 
 from app.core.config import Settings  # noqa: E402
@@ -35,26 +31,11 @@ from app.core.migrate import upgrade  # noqa: E402
 from app.jobs import service as jobs  # noqa: E402
 from app.jobs.models import UnlearningJob  # noqa: E402
 from app.main import create_app  # noqa: E402
-from unlearning.data.catalog import iter_manifest  # noqa: E402
-from unlearning.training import Recipe  # noqa: E402
 from worker import pipeline  # noqa: E402
 from worker.context import WorkerContext  # noqa: E402
-from worker.world import World, api_keys, build_world, register_world, subjects_in  # noqa: E402
+from worker.world import World, api_keys, register_world, subjects_in  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 MODEL = "fashion-cnn"
-
-
-def machine() -> dict[str, Any]:
-    import os
-
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_average": os.getloadavg()}
 
 
 def run_once(world: World, size: int, workdir: Path) -> dict[str, Any]:
@@ -143,12 +124,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "batching-fashion-mnist"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    world = build_world(REPO / ".lethe" / "bench-cache" / f"world-{args.n_pool}",
-                        data_dir=REPO / ".lethe", n_pool=args.n_pool, n_test=10000,
-                        holdout_fraction=0.1, samples_per_subject=5,
-                        recipe=Recipe(epochs=20, lr=0.05, weight_decay=5e-4), device="cpu")
-    train = sum(1 for row in iter_manifest(world.weights.parent.parent / "datasets" /
-                                            world.store) if row["split"] == "train")
+    world, train = service_world(args.n_pool)
     result: dict[str, Any] = {"machine": machine(), "sizes": sizes,
                               "world": {"dataset": world.dataset, "train": train,
                                         **world.metrics}, "runs": []}
@@ -157,10 +133,7 @@ def main() -> None:
             run = run_once(world, size, Path(workdir))
             print(json.dumps(run), flush=True)
             result["runs"].append(run)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(result, indent=1))
-    Path(args.out + ".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -44,6 +42,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import machine  # noqa: E402
 
 from unlearning.architectures import build_model  # noqa: E402
 from unlearning.data.datasets import load_fashion_mnist  # noqa: E402
@@ -104,13 +104,6 @@ def sample_epsilon(unlearned: np.ndarray, retrained: np.ndarray) -> float:
 def forgetting_quality(epsilons: np.ndarray) -> float:
     bins = np.floor(epsilons / 0.5)
     return float(np.mean(2.0 ** -bins))
-
-
-def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
 def main() -> None:

@@ -21,47 +21,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
-import socket
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import httpx  # noqa: E402
+from common import RESULTS, free_port, machine, service_world, write_results  # noqa: E402,I001 - puts the repo on sys.path
 
 from app.certificates import signing  # noqa: E402
-from unlearning.training import Recipe  # noqa: E402
-from worker.world import World, api_keys, build_world, register_world, subjects_in  # noqa: E402
+from worker.world import World, api_keys, register_world, subjects_in  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results"
 MODEL = "fashion-cnn"
 URL = "/v1/deletion-requests"
 DONE = ("completed", "failed", "rejected", "canceled")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_average": os.getloadavg()}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -213,14 +190,7 @@ def main() -> None:
     parser.add_argument("--drain-timeout", type=float, default=900)
     parser.add_argument("--out", default=str(RESULTS / "time-to-forget-fashion-mnist"))
     args = parser.parse_args()
-    world = build_world(REPO / ".lethe" / "bench-cache" / f"world-{args.n_pool}",
-                        data_dir=REPO / ".lethe", n_pool=args.n_pool, n_test=10000,
-                        holdout_fraction=0.1, samples_per_subject=5,
-                        recipe=Recipe(epochs=20, lr=0.05, weight_decay=5e-4), device="cpu")
-    from unlearning.data.catalog import iter_manifest
-
-    train = sum(1 for row in iter_manifest(world.weights.parent.parent / "datasets" /
-                                            world.store) if row["split"] == "train")
+    world, train = service_world(args.n_pool)
     result: dict[str, Any] = {
         "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(), "rate": args.rate, "duration": args.duration,
@@ -232,10 +202,7 @@ def main() -> None:
                            drain_timeout=args.drain_timeout)
             print(json.dumps(run), flush=True)
             result["runs"].append(run)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps(result, indent=1))
-    Path(args.out + ".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown)
 
 
 if __name__ == "__main__":

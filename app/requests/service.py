@@ -184,6 +184,7 @@ def _resolve_many(db_session: Session, items: Sequence[tuple[AnyCreate, str | No
                 held.setdefault(subject, {})[model.id] = count
     subscribed = webhooks.subscribed_clients(db_session, {client for _, _, client in items})
     names = {row.name for row in models.values()}
+    policies: dict[int, Policy] = {}  # validated once per batch, for the models in scope
     resolutions: list[Resolution | Problem] = []
     for body, subject, client in items:
         if not isinstance(body, SubjectRequest) or (body.model is not None
@@ -197,8 +198,9 @@ def _resolve_many(db_session: Session, items: Sequence[tuple[AnyCreate, str | No
             model = models[model_id]
             if body.model is None or model.name == body.model:
                 resolution.counts[model_id] = count
-                resolution.models[model_id] = ModelInScope(model.name,
-                                                           Policy.model_validate(model.policy))
+                if model_id not in policies:
+                    policies[model_id] = Policy.model_validate(model.policy)
+                resolution.models[model_id] = ModelInScope(model.name, policies[model_id])
         resolutions.append(resolution)
     return resolutions
 
