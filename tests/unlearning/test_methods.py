@@ -83,3 +83,21 @@ def test_a_cancelled_run_stops_with_cancelled(name: str, subset_world: World) ->
                                  scenario=data.scenario, device="cpu", progress=progress,
                                  cancel=stop)
     assert len(steps_seen) <= 2
+
+
+def test_match_that_diverges_hands_back_a_usable_model_not_nans(subset_world: World) -> None:
+    """An absurd step size, with the gradient clip off, sends the loss to inf or NaN within a
+    few steps; match must stop and return the best checkpoint (here: where it started)."""
+    data = subset_world.data
+    config = dataclasses.replace(METHODS["match"].Config(), lr=1e6, max_grad_norm=None,
+                                 max_steps=50)
+    result = get_method("match").unlearn(
+        subset_world.original, retain=data.retain, forget=data.forget,
+        reference=data.reference, scenario=data.scenario, config=config, device="cpu")
+    assert result.details["stopped"] == "diverged"
+    assert result.steps < 50
+    assert all(torch.isfinite(v).all() for v in result.model.state_dict().values()
+               if v.is_floating_point())
+    before = evaluate(subset_world.original, data.reference, CPU)
+    after = evaluate(result.model, data.reference, CPU)
+    assert after == pytest.approx(before)
