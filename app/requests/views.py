@@ -68,8 +68,9 @@ async def create_request(
     policy asks for it); a subject with nothing held in any model is closed at once with
     outcome `no_data`. Poll the `Location` for progress.
 
-    Requests that arrive together are recorded in one transaction (app/requests/intake.py);
-    each is answered only once it is committed."""
+    Requests that arrive together are recorded in one transaction; each is answered only
+    once it is committed."""
+    # Group commit: app/requests/intake.py.
     intake: GroupCommit[Presented, Submitted] = request.app.state.intake
     recorded, replayed = await intake.submit(Presented(
         key=key, body=body, idempotency_key=idempotency_key, trace_id=get_request_id()))
