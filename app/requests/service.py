@@ -253,16 +253,6 @@ def create(
     return request, replayed
 
 
-def submit(
-    db_session: Session, *, principal: Principal, body: AnyCreate,
-    idempotency_key: str | None, secret_key: bytes,
-) -> Submitted:
-    """``create``, answered as the API shows it. A new request is shown from what intake
-    wrote, without reading it back; a replay is read, its targets may have moved on."""
-    return _submit_one(
-        db_session, Submission(principal, body, idempotency_key, get_request_id()), secret_key)
-
-
 def _submit_one(db_session: Session, submission: Submission, secret_key: bytes) -> Submitted:
     request, targets, replayed = _create(db_session, submission, secret_key)
     if targets is None:
@@ -272,9 +262,9 @@ def _submit_one(db_session: Session, submission: Submission, secret_key: bytes) 
 
 def submit_many(db_session: Session, submissions: Sequence[Submission], *, secret_key: bytes
                 ) -> list[Submitted | Problem]:
-    """Record many requests in one transaction: group commit. Each answer is what
-    ``submit`` would have answered for that submission alone (the request as shown, or the
-    problem it raised); what costs a round trip (the key lookups, the resolution, the
+    """Record many requests in one transaction: group commit. Each answer is what recording
+    that submission alone would have given (the request as the API shows it, or the problem
+    it raised); what costs a round trip (the key lookups, the resolution, the
     inserts, the audit append, the commit) is paid once for the batch.
 
     Idempotency: a key already recorded replays its request; within the batch, the first

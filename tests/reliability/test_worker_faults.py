@@ -42,13 +42,12 @@ from tests.worker.test_end_to_end import (
     make_keys,
     register,
     submit,
-    train_subjects,
 )
 from unlearning.data.catalog import MANIFEST_NAME
 from worker import maintenance
 from worker.celery_app import MAINTENANCE_QUEUE
 from worker.context import WorkerContext
-from worker.world import World
+from worker.world import World, subjects_in
 
 pytestmark = [pytest.mark.reliability, pytest.mark.postgres, pytest.mark.redis,
               pytest.mark.slow]
@@ -158,7 +157,7 @@ def test_a_worker_killed_inside_the_publish_transaction_publishes_once(
         register(api, headers["operator"], world, store)
         # Publishing moves `production`: its row is what the transaction will wait for.
         with holding(postgres_url, "SELECT * FROM model_aliases FOR UPDATE"):
-            ids = submit(api, headers["requester"], train_subjects(store, SUBJECTS))
+            ids = submit(api, headers["requester"], subjects_in(store, SUBJECTS))
             services.wait_until(lambda: waiting_on_lock(postgres_url, "model_aliases"),
                                 timeout=900, what="the publish transaction to wait on the lock",
                                 every=0.5)

@@ -24,8 +24,7 @@ from app.core.db import make_engine, make_sessionmaker, session_scope
 from tests.conftest import REDIS_URL, service_unavailable
 from tests.worker.conftest import FAST_POLICY, MODEL
 from tests.worker.services import REPO, Services
-from unlearning.data.catalog import MANIFEST_NAME
-from worker.world import World, register_world
+from worker.world import World, register_world, subjects_in
 
 pytestmark = pytest.mark.slow
 URL = "/v1/deletion-requests"
@@ -56,18 +55,6 @@ def copy_store(world: World, data_dir: Path) -> Path:
     store = data_dir / "datasets" / world.store
     shutil.copytree(world.weights.parent.parent / "datasets" / world.store, store)
     return store
-
-
-def train_subjects(store: Path, n: int) -> list[str]:
-    owners: list[str] = []
-    with (store / MANIFEST_NAME).open() as handle:
-        for line in handle:
-            row = json.loads(line)
-            if row["split"] == "train" and row["subject_ref"] not in owners:
-                owners.append(row["subject_ref"])
-                if len(owners) == n:
-                    break
-    return owners
 
 
 def submit(api: httpx.Client, requester: dict[str, str], subjects: list[str]) -> list[str]:
@@ -138,7 +125,7 @@ def test_request_to_certificate_on_postgres_and_redis(
         headers = make_keys(postgres_redis["LETHE_DATABASE_URL"])
         with httpx.Client(base_url=services.base_url, timeout=60) as api:
             register(api, headers["operator"], world, store)
-            ids = submit(api, headers["requester"], train_subjects(store, 12))
+            ids = submit(api, headers["requester"], subjects_in(store, 12))
             services.wait_until(lambda: all_completed(api, headers["requester"], ids),
                                 timeout=600, what="the requests to complete", every=2)
             check_outcome(api, services, headers, ids, tmp_path)
@@ -161,7 +148,7 @@ def test_request_to_certificate_on_the_embedded_default(world: World) -> None:
         headers = make_keys(database_url)
         with httpx.Client(base_url=services.base_url, timeout=60) as api:
             register(api, headers["operator"], world, store)
-            ids = submit(api, headers["requester"], train_subjects(store, 12))
+            ids = submit(api, headers["requester"], subjects_in(store, 12))
             services.wait_until(lambda: all_completed(api, headers["requester"], ids),
                                 timeout=600, what="the requests to complete", every=2)
             check_outcome(api, services, headers, ids, data_dir)
@@ -190,7 +177,7 @@ def test_a_worker_killed_mid_unlearning_loses_nothing_and_publishes_once(
         headers = make_keys(database_url)
         with httpx.Client(base_url=services.base_url, timeout=60) as api:
             register(api, headers["operator"], world, store)
-            ids = submit(api, headers["requester"], train_subjects(store, 12))
+            ids = submit(api, headers["requester"], subjects_in(store, 12))
             operator = headers["operator"]
 
             def unlearning() -> dict[str, Any] | None:
