@@ -27,6 +27,17 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+def _shape(_ctx: click.Context, _param: click.Parameter,
+           value: str | None) -> tuple[int, int, int] | None:
+    """``CxHxW`` (e.g. ``3x32x32``) as three positive ints."""
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"expected CxHxW such as 3x32x32, got {value!r}")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
 @click.group("data", help="Fetch and prepare datasets.")
 def data() -> None:
     pass
@@ -100,11 +111,15 @@ def _progress_bars() -> Callable[[str], Callable[[str, int, int, dict[str, float
 @click.option("--train-size", type=int, default=None,
               help="Train on a random subset of the training split (quick runs).")
 @click.option("--poison-rate", default=0.02, show_default=True, type=float)
+@click.option("--input-shape", default=None, callback=_shape,
+              help="Pad the images (centred, zeros) to CxHxW, repeating a single channel: "
+                   "3x32x32 feeds Fashion-MNIST to ResNet-18 as CIFAR-shaped images.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 def run(dataset: str, arch: str, scenario: str, forget_fraction: float, forget_class: int,
         methods: str, seeds: str, device: str, out: Path, table: Path | None,
         data_dir: Path | None, epochs: int | None, lr: float | None, train_size: int | None,
-        poison_rate: float, threads: int | None) -> None:
+        poison_rate: float, input_shape: tuple[int, int, int] | None,
+        threads: int | None) -> None:
     import torch
 
     from unlearning.lab import DEFAULT_RECIPES, LabConfig, markdown_table, run_lab
@@ -121,7 +136,8 @@ def run(dataset: str, arch: str, scenario: str, forget_fraction: float, forget_c
                        seeds=tuple(int(s) for s in _csv(seeds)),
                        data_dir=data_dir or default_data_dir(), device=device,
                        forget_fraction=forget_fraction, forget_class=forget_class,
-                       recipe=recipe, poison_rate=poison_rate, train_size=train_size)
+                       recipe=recipe, poison_rate=poison_rate, train_size=train_size,
+                       input_shape=input_shape)
     result = run_lab(config, progress_factory=_progress_bars(),
                      log=lambda line: click.echo(line, err=True))
     out.parent.mkdir(parents=True, exist_ok=True)

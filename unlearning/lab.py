@@ -60,6 +60,8 @@ class LabConfig:
     holdout_size: int = 5000  # unseen data for reference + audit (the rest is test)
     retain_eval_size: int = 10_000  # retain accuracy is estimated on a fixed sample
     train_size: int | None = None  # use only part of the training split (tests)
+    # pad/replicate the images to (C, H, W) first, e.g. (3, 32, 32) for ImageNet-style models
+    input_shape: tuple[int, int, int] | None = None
 
     @property
     def effective_recipe(self) -> Recipe:
@@ -200,6 +202,8 @@ def run_lab(config: LabConfig, *, progress_factory: Callable[[str], ProgressCall
     """Run every (seed, method) of ``config``; return the JSON-ready result."""
     device = resolve_device(config.device)
     dataset = load_dataset(config.dataset, config.data_dir)
+    if config.input_shape is not None:
+        dataset = dataset.reshaped(*config.input_shape)
     recipe = config.effective_recipe
     spec = {"name": config.arch, "kwargs": {**_input_channels_and_size(dataset),
                                             **config.arch_kwargs}}

@@ -18,11 +18,12 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,21 @@ class ImageDataset:
     def input_shape(self) -> tuple[int, int, int]:
         channels, height, width = self.images.shape[1:]
         return int(channels), int(height), int(width)
+
+    def reshaped(self, channels: int, height: int, width: int) -> ImageDataset:
+        """The same images zero-padded (centred) to ``height`` x ``width`` and, when they have
+        one channel, repeated to ``channels``: how greyscale 28x28 images are fed to models
+        built for 3x32x32 (CIFAR-shaped) inputs. Labels and splits are unchanged."""
+        have_c, have_h, have_w = self.input_shape
+        if height < have_h or width < have_w:
+            raise ValueError(f"cannot pad {have_h}x{have_w} images down to {height}x{width}")
+        if channels != have_c and have_c != 1:
+            raise ValueError(f"cannot turn {have_c}-channel images into {channels} channels")
+        top, left = (height - have_h) // 2, (width - have_w) // 2
+        images = F.pad(self.images, (left, width - have_w - left, top, height - have_h - top))
+        if channels != have_c:
+            images = images.expand(-1, channels, -1, -1).contiguous()
+        return replace(self, images=images)
 
 
 def dataset_dir(data_dir: str | os.PathLike[str], name: str) -> Path:
