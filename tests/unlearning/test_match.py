@@ -57,3 +57,23 @@ def test_match_backdoor_removes_the_trigger_and_keeps_clean_accuracy(
     assert attack_success_rate(result.model, data.test, trigger, target, CPU) <= 0.10
     before = evaluate(backdoor_world.original, data.test, CPU)["accuracy"]
     assert evaluate(result.model, data.test, CPU)["accuracy"] >= before - 0.03
+
+
+def test_checks_space_out_only_while_blind_is_far_off() -> None:
+    from unlearning.methods.match import MatchConfig, steps_to_next_check
+
+    config = MatchConfig(check_every=10, max_check_every=40, tolerance=0.02)
+    far = [{"step": 0, "gap": 0.050}, {"step": 10, "gap": 0.048}]
+    # 0.0002 per step, 0.028 to go: 140 steps, half of it 70, capped at 40
+    assert steps_to_next_check(far, config, tolerance=0.02) == 40
+    closing = [{"step": 0, "gap": 0.050}, {"step": 40, "gap": 0.030}]
+    # 0.0005 per step, 0.010 to go: 20 steps, half of it 10: one interval
+    assert steps_to_next_check(closing, config, tolerance=0.02) == 10
+    near = [{"step": 0, "gap": 0.050}, {"step": 100, "gap": 0.019}]
+    assert steps_to_next_check(near, config, tolerance=0.02) == 10
+    worse = [{"step": 0, "gap": 0.050}, {"step": 10, "gap": 0.055}]
+    assert steps_to_next_check(worse, config, tolerance=0.02) == 10
+    # no projection for the KS test and the label-rate checks
+    assert steps_to_next_check(far, config, tolerance=None) == 10
+    # max_check_every at or below check_every turns the projection off
+    assert steps_to_next_check(far, MatchConfig(max_check_every=10), tolerance=0.02) == 10
