@@ -72,7 +72,7 @@ class MatchConfig(MethodConfig):
     # cost 3 points of test accuracy; on 400 samples the probability left the low-loss bulk
     # unmatched (KS p = 0.001) where the loss matched it (p = 0.32), and the confidence cost
     # 2.2 points of test accuracy; on 6 000 the confidence matched in 90 steps where the loss
-    # took 230 (RTE 27 against 15, RetDev 0.079 against 0.063).
+    # took 230 (RTE 22.6 against 12.3, RetDev 0.079 against 0.063: match-rte results).
     statistic: str = "auto"  # auto | loss | probability | confidence
     loss_statistic_from: int = 200
     confidence_statistic_from: int = 2000
@@ -96,7 +96,7 @@ class MatchConfig(MethodConfig):
     check_every: int = 10
     # A check costs about two steps. While the attack's gap closes so slowly that blind is far
     # off, space them out up to this many steps; near the tolerance, every check_every. On the
-    # full training set (6 000 forget samples): 10 checks instead of 28 (unlearning/README.md).
+    # full training set with the loss statistic: 9 checks instead of 23 (unlearning/README.md).
     max_check_every: int = 40
     check_size: int = 1000
     attack_features: str = "loss"
