@@ -27,7 +27,13 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from unlearning.architectures import build_model  # noqa: E402
 from unlearning.data.datasets import load_dataset  # noqa: E402
-from unlearning.lab import LabConfig, ModelCache, _input_channels_and_size, prepare_seed  # noqa: E402
+from unlearning.lab import (  # noqa: E402
+    LabConfig,
+    ModelCache,
+    _input_channels_and_size,
+    model_cache_keys,
+    prepare_seed,
+)
 from unlearning.methods import get_method  # noqa: E402
 from unlearning.training import train  # noqa: E402
 from unlearning.verification.metrics import retdev, scenario_metrics  # noqa: E402
@@ -56,13 +62,9 @@ def main() -> None:
           f"{recipe.epochs} epochs {retrain_cpu:.0f} s", flush=True)
 
     cache = ModelCache(Path(config.data_dir) / "lab-cache" / config.dataset)
-    original, _ = cache.get_or_train({**data.cache_key, "removed": None}, spec, data.train,
-                                     recipe, args.seed, cpu, None)
-    retrain, _ = cache.get_or_train(
-        {**data.cache_key, "removed": {"scenario": data.scenario.to_dict(),
-                                      "n_forget": len(data.forget),
-                                      "fraction": config.forget_fraction}},
-        spec, data.retain, recipe, args.seed, cpu, None)
+    original_key, retrain_key = model_cache_keys(config, data)
+    original, _ = cache.get_or_train(original_key, spec, data.train, recipe, args.seed, cpu, None)
+    retrain, _ = cache.get_or_train(retrain_key, spec, data.retain, recipe, args.seed, cpu, None)
 
     def measure(model: torch.nn.Module) -> dict[str, Any]:
         return scenario_metrics(model, forget=data.forget, retain=data.retain_eval,

@@ -158,6 +158,14 @@ def prepare_seed(config: LabConfig, dataset: ImageDataset, seed: int) -> SeedDat
                     cache_key=cache_key)
 
 
+def model_cache_keys(config: LabConfig,
+                     data: SeedData) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The :class:`ModelCache` keys of one seed's original and of its retrain."""
+    removed = {"scenario": data.scenario.to_dict(), "n_forget": len(data.forget),
+               "fraction": config.forget_fraction if config.scenario == "subset" else None}
+    return {**data.cache_key, "removed": None}, {**data.cache_key, "removed": removed}
+
+
 class ModelCache:
     """Trained originals and retrains under ``<data dir>/lab-cache``, keyed by everything
     that determines their weights (data, architecture, recipe, seed, what was removed)."""
@@ -224,15 +232,11 @@ def run_lab(config: LabConfig, *, progress_factory: Callable[[str], ProgressCall
         def bar(label: str) -> ProgressCallback | None:
             return progress_factory(label) if progress_factory else None
 
+        original_key, retrain_key = model_cache_keys(config, data)
         original, original_time = cache.get_or_train(
-            {**data.cache_key, "removed": None}, spec, data.train, recipe, seed, device,
-            bar(f"seed {seed} original"))
+            original_key, spec, data.train, recipe, seed, device, bar(f"seed {seed} original"))
         retrain_model, retrain_time = cache.get_or_train(
-            {**data.cache_key, "removed": {"scenario": data.scenario.to_dict(),
-                                          "n_forget": len(data.forget),
-                                          "fraction": config.forget_fraction
-                                          if config.scenario == "subset" else None}},
-            spec, data.retain, recipe, seed, device, bar(f"seed {seed} retrain"))
+            retrain_key, spec, data.retain, recipe, seed, device, bar(f"seed {seed} retrain"))
         original_metrics = {"seed": seed, **measure(original), **original_time}
         retrain_metrics = {"seed": seed, **measure(retrain_model), **retrain_time}
         originals.append(original_metrics)
