@@ -30,8 +30,8 @@ from unlearning.data.datasets import load_dataset  # noqa: E402
 from unlearning.lab import (  # noqa: E402
     LabConfig,
     ModelCache,
-    _input_channels_and_size,
     model_cache_keys,
+    model_spec,
     prepare_seed,
 )
 from unlearning.methods import get_method  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> None:
     config = LabConfig(dataset="fashion-mnist", arch="cnn-small", scenario="subset",
                        methods=("match",), seeds=(args.seed,), data_dir=args.data_dir)
     dataset = load_dataset(config.dataset, config.data_dir)
-    spec = {"name": config.arch, "kwargs": _input_channels_and_size(dataset)}
+    spec = model_spec(config, dataset)
     data = prepare_seed(config, dataset, args.seed)
     recipe = config.effective_recipe
 

@@ -158,6 +158,13 @@ def prepare_seed(config: LabConfig, dataset: ImageDataset, seed: int) -> SeedDat
                     cache_key=cache_key)
 
 
+def model_spec(config: LabConfig, dataset: ImageDataset) -> dict[str, Any]:
+    """The architecture spec the lab builds for ``dataset``: its input shape and classes, then
+    the config's own keyword arguments."""
+    return {"name": config.arch, "kwargs": {**_input_channels_and_size(dataset),
+                                            **config.arch_kwargs}}
+
+
 def model_cache_keys(config: LabConfig,
                      data: SeedData) -> tuple[dict[str, Any], dict[str, Any]]:
     """The :class:`ModelCache` keys of one seed's original and of its retrain."""
@@ -213,8 +220,7 @@ def run_lab(config: LabConfig, *, progress_factory: Callable[[str], ProgressCall
     if config.input_shape is not None:
         dataset = dataset.reshaped(*config.input_shape)
     recipe = config.effective_recipe
-    spec = {"name": config.arch, "kwargs": {**_input_channels_and_size(dataset),
-                                            **config.arch_kwargs}}
+    spec = model_spec(config, dataset)
     cache = ModelCache(Path(config.data_dir).expanduser() / "lab-cache" / config.dataset)
     methods = [get_method(name) for name in config.methods]
     # On a CPU other work shares, wall time measures the neighbours; CPU time measures the
