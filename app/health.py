@@ -6,6 +6,7 @@ from urllib.parse import unquote, urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from kombu import Connection
 from sqlalchemy import text
 
 from app.core.errors import problem_response
@@ -32,8 +33,9 @@ def ping_broker(url: str, timeout: float = BROKER_TIMEOUT_SECONDS) -> None:
         finally:
             client.close()
         return
-    from kombu import Connection  # any other transport Celery supports
-
+    # Any other transport Celery supports. Connection is imported with this module, not
+    # here: kombu resolves its attributes lazily, and threads that reached it first at the
+    # same time got ImportError (a ready service answered 503 to its first probes).
     with Connection(url, connect_timeout=timeout) as connection:
         connection.ensure_connection(max_retries=1, timeout=timeout)
 

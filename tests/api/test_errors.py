@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -125,3 +129,29 @@ def test_openapi_documents_the_api_with_examples(client: TestClient) -> None:
     assert set(examples) == {"subject", "samples", "class", "backdoor"}
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_concurrent_first_readiness_probes_all_reach_the_broker() -> None:
+    """A fresh process, 16 threads pinging a memory broker at once: kombu resolves its
+    attributes lazily, and threads racing through that first got ImportError, which readyz
+    reported as a 503 on a healthy service. So app.health resolves kombu's Connection when it
+    is imported (checked directly: the race itself shows only now and then)."""
+    script = (
+        "import sys, threading\n"
+        "from app.health import ping_broker\n"
+        "print('kombu.connection' in sys.modules)\n"
+        "barrier, errors = threading.Barrier(16), []\n"
+        "def ping():\n"
+        "    barrier.wait()\n"
+        "    try:\n"
+        "        ping_broker('memory://')\n"
+        "    except Exception as error:\n"
+        "        errors.append(repr(error))\n"
+        "threads = [threading.Thread(target=ping) for _ in range(16)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print(errors)\n")
+    for _ in range(4):
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[2], timeout=60, check=True)
+        assert run.stdout.split("\n")[:2] == ["True", "[]"], run.stdout
