@@ -165,7 +165,11 @@ def build_model(spec: ModelSpec, *, allowed_modules: Collection[str] | None = No
         raise ArchitectureError(f"bad kwargs for {name!r}: {error}") from error
     if not isinstance(model, nn.Module):
         raise ArchitectureError(f"factory {name!r} returned {type(model).__name__}, not a module")
-    return model
+    # Convolution weights in channels-last layout: on the CPU (oneDNN) cnn-small trained 1.4 to
+    # 1.8 times and evaluated 2.2 times faster, resnet8 1.4 and 1.5 times; inputs need not be
+    # converted (the layout follows the weights). Only 4-D tensors change; the weights file
+    # is the same (save_weights writes contiguous tensors, loading copies into this layout).
+    return model.to(memory_format=torch.channels_last)
 
 
 def input_shape(spec: ModelSpec) -> tuple[int, int, int] | None:

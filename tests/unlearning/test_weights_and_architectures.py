@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from unlearning.architectures import ArchitectureError, build_model, input_shape
@@ -68,6 +69,14 @@ def test_weights_round_trip_through_safetensors_exactly(tmp_path: Path) -> None:
     target = load_weights(build_model(spec), path)
     for name, tensor in source.state_dict().items():
         assert torch.equal(tensor, target.state_dict()[name]), name
+    # the file holds plain (contiguous) tensors; the loaded model keeps the channels-last
+    # layout build_model gives convolutions (the CPU's fast path)
+    assert all(t.is_contiguous() for t in load_file(str(path)).values())
+    convolutions = [m.weight for m in target.modules() if isinstance(m, nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last)
+                                for w in convolutions)
+    # (a 1-channel or 1x1 kernel is both; the 3x3 ones over many channels are not contiguous)
+    assert any(not w.is_contiguous() for w in convolutions)
 
 
 def test_a_pickle_is_refused_without_being_unpickled(tmp_path: Path) -> None:
