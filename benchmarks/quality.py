@@ -7,6 +7,7 @@ and draw the Pareto plot of run-time efficiency against RetDev.
     done
     .venv/bin/python benchmarks/quality.py /tmp/lab/*.json --name fashion-mnist-cnn-small
 
+Several files of one scenario (say one seed per process, to use every core) are merged.
 Writes benchmarks/results/quality-<name>.{json,md,png}: the lab's per-scenario tables (mean
 ± std over seeds of RA, FA, TA, MIA, the MIA gap to retrain, RetDev, RTE) and one panel per
 scenario with each method's mean RTE (log scale) against its mean RetDev. Better is up and
@@ -29,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from unlearning.lab import markdown_report  # noqa: E402
+from unlearning.lab import markdown_report, merge_by_scenario  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -85,9 +86,8 @@ def main() -> None:
     parser.add_argument("--name", default="fashion-mnist-cnn-small")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
-    results = [json.loads(path.read_text()) for path in args.results]
-    order = {"subset": 0, "class": 1, "backdoor": 2}
-    results.sort(key=lambda r: order.get(r["config"]["scenario"], 9))
+    # Files of the same scenario (e.g. one seed per process, one per core) merge into one.
+    results = merge_by_scenario([json.loads(path.read_text()) for path in args.results])
     base = args.out_dir / f"quality-{args.name}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     base.with_suffix(".json").write_text(json.dumps({"results": results}, indent=1))

@@ -115,11 +115,14 @@ def _progress_bars() -> Callable[[str], Callable[[str, int, int, dict[str, float
               help="Pad the images (centred, zeros) to CxHxW, repeating a single channel: "
                    "3x32x32 feeds Fashion-MNIST to ResNet-18 as CIFAR-shaped images.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--retime-epochs", type=click.IntRange(min=1), default=None,
+              help="Time the retrain for RTE on this many of its epochs, here and now, "
+                   "instead of taking the cached retrain's training time.")
 def run(dataset: str, arch: str, scenario: str, forget_fraction: float, forget_class: int,
         methods: str, seeds: str, device: str, out: Path, table: Path | None,
         data_dir: Path | None, epochs: int | None, lr: float | None, train_size: int | None,
         poison_rate: float, input_shape: tuple[int, int, int] | None,
-        threads: int | None) -> None:
+        threads: int | None, retime_epochs: int | None) -> None:
     import torch
 
     from unlearning.lab import DEFAULT_RECIPES, LabConfig, markdown_table, run_lab
@@ -137,7 +140,7 @@ def run(dataset: str, arch: str, scenario: str, forget_fraction: float, forget_c
                        data_dir=data_dir or default_data_dir(), device=device,
                        forget_fraction=forget_fraction, forget_class=forget_class,
                        recipe=recipe, poison_rate=poison_rate, train_size=train_size,
-                       input_shape=input_shape)
+                       input_shape=input_shape, retime_epochs=retime_epochs)
     result = run_lab(config, progress_factory=_progress_bars(),
                      log=lambda line: click.echo(line, err=True))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,16 +151,18 @@ def run(dataset: str, arch: str, scenario: str, forget_fraction: float, forget_c
     click.echo(rendered)
 
 
-@lab.command("table", help="Merge lab JSON files into one JSON and a markdown report.")
+@lab.command("table", help="Merge lab JSON files into one JSON and a markdown report "
+                           "(files of one scenario merge into one result).")
 @click.argument("results", nargs=-1, type=click.Path(exists=True, path_type=Path),
                 required=True)
 @click.option("--json-out", type=click.Path(path_type=Path), required=True)
 @click.option("--md-out", type=click.Path(path_type=Path), required=True)
 @click.option("--title", default="Unlearning quality", show_default=True)
 def table_command(results: tuple[Path, ...], json_out: Path, md_out: Path, title: str) -> None:
-    from unlearning.lab import markdown_report
+    from unlearning.lab import markdown_report, merge_by_scenario
 
-    loaded = [json.loads(path.read_text()) for path in results]
+    # files of one scenario (one seed per process, say) merge into one result
+    loaded = merge_by_scenario([json.loads(path.read_text()) for path in results])
     json_out.write_text(json.dumps({"results": loaded}, indent=1))
     md_out.write_text(markdown_report(loaded, title))
     click.echo(md_out.read_text())

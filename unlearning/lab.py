@@ -62,6 +62,10 @@ class LabConfig:
     train_size: int | None = None  # use only part of the training split (tests)
     # pad/replicate the images to (C, H, W) first, e.g. (3, 32, 32) for ImageNet-style models
     input_shape: tuple[int, int, int] | None = None
+    # RTE's retrain time: None, as long as the cached retrain took to train (another day,
+    # another load, another version of the code); N, N epochs of its recipe timed in this
+    # process just before the methods run, scaled to the recipe's epochs (like with like)
+    retime_epochs: int | None = None
 
     @property
     def effective_recipe(self) -> Recipe:
@@ -158,6 +162,13 @@ def prepare_seed(config: LabConfig, dataset: ImageDataset, seed: int) -> SeedDat
                     cache_key=cache_key)
 
 
+def seed_metrics(model: nn.Module, data: SeedData, device: torch.device,
+                 seed: int) -> dict[str, Any]:
+    """One model's metrics on one seed's sets (what every lab row and benchmark reports)."""
+    return scenario_metrics(model, forget=data.forget, retain=data.retain_eval, test=data.test,
+                            holdout=data.audit, scenario=data.scenario, device=device, seed=seed)
+
+
 def model_spec(config: LabConfig, dataset: ImageDataset) -> dict[str, Any]:
     """The architecture spec the lab builds for ``dataset``: its input shape and classes, then
     the config's own keyword arguments."""
@@ -200,6 +211,18 @@ class ModelCache:
         return model.to(device).eval(), {k: float(timing[k]) for k in ("seconds", "cpu_seconds")}
 
 
+def retime(spec: dict[str, Any], retain: SampleSet, recipe: Recipe, epochs: int, seed: int,
+           device: torch.device) -> dict[str, float]:
+    """The retrain's ``seconds`` and ``cpu_seconds``, from ``epochs`` of its recipe trained now
+    (from scratch, thrown away) and scaled to the recipe's epochs: an epoch costs the same
+    whatever the learning rate's schedule."""
+    timing = train(build_model(spec), retain, recipe.with_(epochs=epochs), device=device,
+                   seed=seed)
+    scale = recipe.epochs / epochs
+    return {"seconds": float(timing["seconds"]) * scale,
+            "cpu_seconds": float(timing["cpu_seconds"]) * scale, "retimed_epochs": epochs}
+
+
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
@@ -231,9 +254,7 @@ def run_lab(config: LabConfig, *, progress_factory: Callable[[str], ProgressCall
         data = prepare_seed(config, dataset, seed)
 
         def measure(model: nn.Module, data: SeedData = data, seed: int = seed) -> dict[str, Any]:
-            return scenario_metrics(model, forget=data.forget, retain=data.retain_eval,
-                                    test=data.test, holdout=data.audit, scenario=data.scenario,
-                                    device=device, seed=seed)
+            return seed_metrics(model, data, device, seed)
 
         def bar(label: str) -> ProgressCallback | None:
             return progress_factory(label) if progress_factory else None
@@ -243,6 +264,8 @@ def run_lab(config: LabConfig, *, progress_factory: Callable[[str], ProgressCall
             original_key, spec, data.train, recipe, seed, device, bar(f"seed {seed} original"))
         retrain_model, retrain_time = cache.get_or_train(
             retrain_key, spec, data.retain, recipe, seed, device, bar(f"seed {seed} retrain"))
+        if config.retime_epochs:
+            retrain_time = retime(spec, data.retain, recipe, config.retime_epochs, seed, device)
         original_metrics = {"seed": seed, **measure(original), **original_time}
         retrain_metrics = {"seed": seed, **measure(retrain_model), **retrain_time}
         originals.append(original_metrics)
@@ -276,6 +299,53 @@ def run_lab(config: LabConfig, *, progress_factory: Callable[[str], ProgressCall
             "rte_clock": clock,
             "original": _summary(originals), "retrain": _summary(retrains), "runs": runs,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several ``run_lab`` results of the same experiment (dataset, arch,
+    scenario, recipe, split) run as separate processes, e.g. one seed per core. Seeds and
+    methods are united in order of appearance; a (seed, method) pair given twice, or configs
+    that differ in anything but seeds and methods, are refused."""
+    if not results:
+        raise ValueError("nothing to merge")
+
+    def experiment(result: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in result["config"].items() if k not in ("seeds", "methods")}
+
+    first = experiment(results[0])
+    for result in results[1:]:
+        differing = sorted(k for k in first.keys() | experiment(result).keys()
+                           if first.get(k) != experiment(result).get(k))
+        if differing:
+            raise ValueError(f"results of different experiments: {', '.join(differing)} differ")
+    runs = [run for result in results for run in result["runs"]]
+    pairs = [(run["seed"], run["method"]) for run in runs]
+    if len(set(pairs)) != len(pairs):
+        raise ValueError("a (seed, method) run appears in more than one result")
+
+    def per_seed(kind: str) -> list[dict[str, Any]]:
+        by_seed: dict[int, dict[str, Any]] = {}
+        for result in results:
+            for row in result[kind]["per_seed"]:
+                by_seed.setdefault(row["seed"], row)
+        return list(by_seed.values())
+
+    config = {**results[0]["config"],
+              "seeds": list(dict.fromkeys(s for r in results for s in r["config"]["seeds"])),
+              "methods": list(dict.fromkeys(m for r in results
+                                            for m in r["config"]["methods"]))}
+    return {**results[0], "config": config, "original": _summary(per_seed("original")),
+            "retrain": _summary(per_seed("retrain")), "runs": runs,
+            "finished_at": max(r["finished_at"] for r in results)}
+
+
+def merge_by_scenario(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One merged result per scenario (subset, class, backdoor first, in that order)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault(result["config"]["scenario"], []).append(result)
+    order = {"subset": 0, "class": 1, "backdoor": 2}
+    return [merge_results(groups[s]) for s in sorted(groups, key=lambda s: order.get(s, 9))]
 
 
 def _brief(metrics: dict[str, Any]) -> str:
@@ -340,8 +410,12 @@ def markdown_report(results: list[dict[str, Any]], title: str) -> str:
              "RA / FA / TA: retain / forget / test accuracy (class scenario: TA on the other "
              "classes). MIA: population attack accuracy on the forget set vs unseen audit data "
              "(0.5 = blind); MIA gap: its distance to the retrain's, per seed. RetDev: "
-             "deviation from retrain (lower is better). RTE: retrain seconds / method seconds. "
-             "Mean ± std over seeds.", ""]
+             "deviation from retrain (lower is better). RTE: retrain seconds / method seconds, "
+             f"in {first.get('rte_clock', 'cpu_seconds').replace('_', ' ')}"
+             + (f"; the retrain's timed on {config['retime_epochs']} of its epochs in the "
+                "process that ran the methods, scaled to the recipe's"
+                if config.get("retime_epochs") else "")
+             + ". Mean ± std over seeds.", ""]
     for result in results:
         config = result["config"]
         heading = {"subset": f"subset ({config['forget_fraction']:.0%} random samples)",

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 
 from unlearning.cli import lab
 from unlearning.data.datasets import load_digits
+from unlearning.lab import LabConfig, markdown_report, markdown_table, merge_results, run_lab
+from unlearning.training import Recipe
 
 
 def test_reshaped_pads_centred_with_zeros_and_repeats_the_grey_channel() -> None:
@@ -73,3 +75,57 @@ def test_a_malformed_input_shape_is_a_usage_error(tmp_path: Path, shape: str) ->
     assert result.exit_code == 2
     assert "CxHxW" in result.output
     assert not (tmp_path / "x.json").exists()
+
+
+def test_results_of_one_seed_each_merge_into_the_multi_seed_result(tmp_path: Path) -> None:
+    def run(seeds: tuple[int, ...]) -> dict:
+        return run_lab(LabConfig(dataset="digits", arch="mlp", scenario="subset",
+                                 methods=("retrain", "ft"), seeds=seeds, data_dir=tmp_path,
+                                 device="cpu", recipe=Recipe(epochs=2)), log=lambda _: None)
+
+    both, first, second = run((0, 1)), run((0,)), run((1,))
+    merged = merge_results([first, second])
+    assert merged["config"]["seeds"] == [0, 1] and merged["config"]["methods"] == ["retrain",
+                                                                                   "ft"]
+    assert [(r["seed"], r["method"]) for r in merged["runs"]] == \
+        [(r["seed"], r["method"]) for r in both["runs"]]
+    # the same cached models, so the same metrics as one two-seed run; timings differ
+    for kind in ("original", "retrain"):
+        assert merged[kind]["test_acc"] == pytest.approx(both[kind]["test_acc"])
+        assert [r["seed"] for r in merged[kind]["per_seed"]] == [0, 1]
+    assert markdown_table(merged).count("\n") == markdown_table(both).count("\n")
+
+    # `lethe lab table` merges files of one scenario the same way
+    paths = [tmp_path / "seed0.json", tmp_path / "seed1.json"]
+    for path, result in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(result))
+    table = CliRunner().invoke(lab, ["table", *map(str, paths), "--json-out",
+                                     str(tmp_path / "all.json"), "--md-out",
+                                     str(tmp_path / "all.md")])
+    assert table.exit_code == 0, table.output
+    [written] = json.loads((tmp_path / "all.json").read_text())["results"]
+    assert written["config"]["seeds"] == [0, 1] and len(written["runs"]) == 4
+
+    with pytest.raises(ValueError, match="more than one result"):
+        merge_results([first, first])
+    other = run_lab(LabConfig(dataset="digits", arch="mlp", scenario="subset",
+                              methods=("ft",), seeds=(1,), data_dir=tmp_path, device="cpu",
+                              forget_fraction=0.2, recipe=Recipe(epochs=2)), log=lambda _: None)
+    with pytest.raises(ValueError, match="forget_fraction"):
+        merge_results([first, other])
+
+
+def test_retimed_retrain_is_the_rte_denominator(tmp_path: Path) -> None:
+    config = LabConfig(dataset="digits", arch="mlp", scenario="subset", methods=("ft",),
+                       seeds=(0,), data_dir=tmp_path, device="cpu", recipe=Recipe(epochs=4),
+                       retime_epochs=1)
+    result = run_lab(config, log=lambda _: None)
+    retrain = result["retrain"]["per_seed"][0]
+    assert retrain["retimed_epochs"] == 1
+    cached = next(meta for meta in (json.loads(p.read_text()) for p in
+                                    (tmp_path / "lab-cache" / "digits").glob("*.json"))
+                  if meta["removed"] is not None)
+    assert retrain["cpu_seconds"] != cached["cpu_seconds"]  # timed now, not at training
+    ft = result["runs"][0]
+    assert ft["rte"] == pytest.approx(retrain["cpu_seconds"] / ft["cpu_seconds"])
+    assert "the retrain's timed on 1 of its epochs" in markdown_report([result], "t")
