@@ -77,3 +77,35 @@ def test_checks_space_out_only_while_blind_is_far_off() -> None:
     assert steps_to_next_check(far, config, tolerance=None) == 10
     # max_check_every at or below check_every turns the projection off
     assert steps_to_next_check(far, MatchConfig(max_check_every=10), tolerance=0.02) == 10
+
+
+def test_margin_statistic_pulls_below_the_margin_and_leaves_the_confident_bulk() -> None:
+    from unlearning.methods.match import label_statistic
+    from unlearning.verification.mia import logit_confidence
+
+    labels = torch.zeros(4, dtype=torch.long)
+    # true-class confidence c = -3, 0, 2, 9 (two classes: c is the logit difference)
+    logits = torch.tensor([[0.0, 3.0], [0.0, 0.0], [2.0, 0.0], [9.0, 0.0]], requires_grad=True)
+    margin = label_statistic(logits, labels, "margin", 2.0)
+    confidence = logit_confidence(logits.detach(), labels)
+    assert torch.allclose(margin, torch.nn.functional.softplus(2.0 - confidence))
+    # monotone in the loss, so matching its quantiles matches the loss's
+    loss = label_statistic(logits.detach(), labels, "loss")
+    assert torch.equal(margin.argsort(), loss.argsort())
+    margin.sum().backward()
+    pull = -logits.grad[:, 0]  # d statistic / d c, with the sign the matching follows
+    assert pull[0] > 0.99 and 0.45 < pull[2] < 0.55 and pull[3] < 0.001
+    # the bare loss's pull is already faint at c = 2, where the attack still reads
+    loss_logits = logits.detach().clone().requires_grad_(True)
+    label_statistic(loss_logits, labels, "loss").sum().backward()
+    assert -loss_logits.grad[2, 0] < 0.15
+
+
+def test_auto_statistic_follows_the_forget_set_size_and_scenario() -> None:
+    from unlearning.methods.match import MatchConfig, resolve_statistic
+
+    config = MatchConfig()
+    assert [resolve_statistic(config, n) for n in (49, 200, 1999, 2000, 54_000)] == \
+        ["probability", "loss", "loss", "margin", "margin"]
+    assert resolve_statistic(config, None) == "probability"  # class and backdoor
+    assert resolve_statistic(MatchConfig(statistic="confidence"), 10) == "confidence"
