@@ -314,8 +314,9 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
 
     first = experiment(results[0])
     for result in results[1:]:
-        differing = sorted(k for k in first.keys() | experiment(result).keys()
-                           if first.get(k) != experiment(result).get(k))
+        other = experiment(result)
+        differing = sorted(k for k in first.keys() | other.keys()
+                           if first.get(k) != other.get(k))
         if differing:
             raise ValueError(f"results of different experiments: {', '.join(differing)} differ")
     runs = [run for result in results for run in result["runs"]]
