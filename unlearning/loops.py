@@ -209,9 +209,34 @@ def run_epochs(model: nn.Module, *, epochs: int, batches: Callable[[], Iterable[
     return {"loss": mean_loss, "steps": float(step)}
 
 
+# Evaluation batch size by device. On the CPU (one thread, oneDNN) small batches keep the
+# activations in cache: 2 048 images took cnn-small 0.22 s at 128 against 0.44 s at 1 024,
+# resnet8 0.50 s against 0.83 s; on a GPU large batches keep it busy.
+EVAL_BATCH_SIZE = {"cpu": 128, "cuda": 1024}
+
+
+def eval_batch_size(device: torch.device) -> int:
+    return EVAL_BATCH_SIZE.get(torch.device(device).type, 1024)
+
+
+def forward_parts(model: nn.Module, parts: list[torch.Tensor],
+                  device: torch.device) -> list[torch.Tensor]:
+    """The model's outputs on several batches that enter one loss. On a GPU one forward pass
+    over their concatenation (fewer, larger kernels); on the CPU one pass per batch: a
+    training step over three batches of 128 through cnn-small took 0.14 s CPU as three
+    passes against 0.20 s as one pass over 384 (activations that fit in cache). The same
+    gradients either way wherever a sample's output depends on that sample alone (no
+    normalisation layer in training mode)."""
+    if torch.device(device).type == "cuda":
+        return list(model(torch.cat(parts)).split([len(p) for p in parts]))
+    return [model(p) for p in parts]
+
+
 def predict_logits(model: nn.Module, samples: SampleSet, device: torch.device,
-                   batch_size: int = 1024) -> torch.Tensor:
-    """Logits (float32, on the CPU) for every sample, in order, in eval mode."""
+                   batch_size: int | None = None) -> torch.Tensor:
+    """Logits (float32, on the CPU) for every sample, in order, in eval mode; ``batch_size``
+    None: :func:`eval_batch_size`."""
+    batch_size = batch_size or eval_batch_size(device)
     outputs = []
     with eval_mode(model), autocast(device):
         for x, _ in iterate_batches(samples, batch_size, device, shuffle=False):
@@ -222,7 +247,7 @@ def predict_logits(model: nn.Module, samples: SampleSet, device: torch.device,
 
 
 def evaluate(model: nn.Module, samples: SampleSet, device: torch.device,
-             batch_size: int = 1024) -> dict[str, float]:
+             batch_size: int | None = None) -> dict[str, float]:
     """Accuracy and mean cross-entropy; NaN for an empty set."""
     if len(samples) == 0:
         return {"accuracy": float("nan"), "loss": float("nan")}

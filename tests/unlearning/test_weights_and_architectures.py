@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from unlearning.architectures import ArchitectureError, build_model, input_shape
+from unlearning.loops import SampleSet, forward_parts, freeze_norm_statistics, predict_logits
 from unlearning.weights import (
     WeightsError,
     check_weights_file,
@@ -36,6 +37,45 @@ def test_builtin_architectures_map_their_inputs_to_class_logits(spec: dict,
     with torch.no_grad():
         logits = model(torch.rand(shape))
     assert logits.shape == (shape[0], spec["kwargs"].get("num_classes", 10))
+
+
+@pytest.mark.parametrize("name", ["cnn-small", "resnet8"])
+def test_forward_by_parts_gives_the_concatenated_pass_outputs_and_gradients(name: str) -> None:
+    """match's step feeds its forget, retain and reference batches through the model one by
+    one on the CPU; the loss and every gradient must be those of one pass over all of them
+    (resnet8: with its normalisation statistics frozen, as match runs it)."""
+    torch.manual_seed(0)
+    model = build_model({"name": name, "kwargs": {"in_channels": 1, "num_classes": 10}})
+    model.train()
+    freeze_norm_statistics(model)
+    parts = [torch.rand(n, 1, 28, 28) for n in (5, 7, 3)]
+    weights = [1.0, 0.5, 2.0]
+
+    def loss_and_grads(outputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = sum(w * out.logsumexp(1).mean() for w, out in zip(weights, outputs))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    by_parts = forward_parts(model, parts, torch.device("cpu"))
+    assert [len(out) for out in by_parts] == [5, 7, 3]
+    loss, grads = loss_and_grads(by_parts)
+    whole = list(model(torch.cat(parts)).split([5, 7, 3]))
+    expected_loss, expected_grads = loss_and_grads(whole)
+    torch.testing.assert_close(loss, expected_loss)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_predictions_do_not_depend_on_the_batch_size() -> None:
+    torch.manual_seed(0)
+    model = build_model({"name": "cnn-small", "kwargs": {"in_channels": 1, "num_classes": 10}})
+    samples = SampleSet(torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8),
+                        torch.zeros(300, dtype=torch.long))
+    default = predict_logits(model, samples, torch.device("cpu"))  # 128 per batch on the CPU
+    assert default.shape == (300, 10)
+    torch.testing.assert_close(default, predict_logits(model, samples, torch.device("cpu"),
+                                                       batch_size=1024))
 
 
 def test_input_shape_is_known_for_fixed_input_models_only() -> None:

@@ -51,6 +51,7 @@ from unlearning.loops import (
     RunContext,
     SampleSet,
     cycle_batches,
+    forward_parts,
     freeze_norm_statistics,
     predict_logits,
     sgd,
@@ -353,9 +354,8 @@ class Match(UnlearningMethod):
             index = next(reference_order)
             x_u, y_u = to_inputs(matching_reference.x[index], device), matching_reference.y[index]
             with autocast(device):
-                logits = model(torch.cat([x_f, x_r, x_u]))
-                forget_logits, retain_logits, reference_logits = logits.split(
-                    [len(x_f), len(x_r), len(x_u)])
+                forget_logits, retain_logits, reference_logits = forward_parts(
+                    model, [x_f, x_r, x_u], device)
                 if config.target == "original":
                     targets = quantile_targets(reference_statistic, len(x_f))
                 else:  # the current model's view of unseen data, held fixed for this step
