@@ -3,6 +3,7 @@ stops because the attack went blind, not because a fixed budget ran out."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.unlearning.conftest import CPU, World
@@ -32,6 +33,12 @@ def test_match_subset_reaches_the_retrains_membership_signal_and_keeps_test_accu
     assert abs(mia.accuracy - retrain_mia.accuracy) <= 0.03
     test_before = evaluate(subset_world.original, data.test, CPU)["accuracy"]
     assert evaluate(result.model, data.test, CPU)["accuracy"] >= test_before - 0.02
+    # cnn-small keeps 96 % of its parameters in its dense head: only the head was trained
+    assert result.details["trainable"] == "head"
+    original, unlearned = subset_world.original.state_dict(), result.model.state_dict()
+    assert all(torch.equal(original[k], unlearned[k]) for k in original if k.startswith("features"))
+    assert not all(torch.equal(original[k], unlearned[k]) for k in original
+                   if k.startswith("classifier"))
 
 
 def test_match_class_forgets_the_class_and_keeps_the_others(class_world: World) -> None:
@@ -109,3 +116,18 @@ def test_auto_statistic_follows_the_forget_set_size_and_scenario() -> None:
         ["probability", "loss", "loss", "margin", "margin"]
     assert resolve_statistic(config, None) == "probability"  # class and backdoor
     assert resolve_statistic(MatchConfig(statistic="confidence"), 10) == "confidence"
+
+
+def test_auto_trainable_takes_the_head_only_where_it_holds_most_parameters() -> None:
+    from unlearning.architectures import build_model
+    from unlearning.methods.match import MatchConfig, resolve_trainable
+
+    config = MatchConfig()
+    small = build_model({"name": "cnn-small", "kwargs": {"num_classes": 10}})
+    resnet = build_model({"name": "resnet8", "kwargs": {"num_classes": 10}})
+    assert resolve_trainable(config, small) == "head"
+    assert resolve_trainable(config, resnet) == "all"  # a 650-parameter linear head
+    assert resolve_trainable(MatchConfig(trainable="all"), small) == "all"
+    assert resolve_trainable(MatchConfig(head_share=0.99), small) == "all"
+    with pytest.raises(ValueError, match="trainable"):
+        resolve_trainable(MatchConfig(trainable="body"), small)

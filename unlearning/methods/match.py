@@ -25,7 +25,10 @@ Design (measurements and the alternatives tried are in unlearning/README.md):
   absolute gap keeps the pull bounded however far a sample is from its target.
 * Utility guard: cross-entropy on retain batches plus distillation to the original on them;
   normalisation statistics frozen; a check of holdout accuracy that vetoes stopping and keeps
-  the best checkpoint.
+  the best checkpoint; where the classifier head holds most of the parameters (cnn-small's
+  dense layers), only the head is trained: the features stay the original's, which kept more
+  retain and test accuracy on the full training set, and a step needs no backward pass
+  through the convolutions.
 * Stopping rule: every ``check_every`` steps, the verifier's population attack on a fixed
   forget sample against a second holdout slice disjoint from the matching reference; stop when
   its accuracy stays within ``tolerance`` of 0.5 for ``patience`` checks. A forget set below
@@ -93,7 +96,13 @@ class MatchConfig(MethodConfig):
     anchor_loss: str = "kl"  # kl | statistic
     anchor_statistic: str | None = None  # statistic the anchor holds; None: the matched one
     optimizer: str = "sgd"  # sgd | adam
-    trainable: str = "all"  # all | head
+    # auto: only the classifier head when it holds at least ``head_share`` of the parameters
+    # (cnn-small: its dense layers, 96 %), else all. On the full training set (cnn-small,
+    # seeds 0, 1, 2) the head alone kept 1.5 to 2 points more retain accuracy (RetDev
+    # 0.049-0.060 against 0.075-0.079, MIA gap 0.010-0.016 against 0.012-0.021) at steps 2.4
+    # times cheaper: the frozen body needs no backward pass (match-rte-*-full-head results).
+    trainable: str = "auto"  # auto | all | head
+    head_share: float = 0.5
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -218,6 +227,18 @@ def resolve_statistic(config: MatchConfig, subset_size: int | None) -> str:
             "loss" if n >= config.loss_statistic_from else "probability")
 
 
+def resolve_trainable(config: MatchConfig, model: nn.Module) -> str:
+    """The parameters ``trainable="auto"`` stands for: ``head`` when the classifier head holds
+    at least ``head_share`` of them (where a model's memory is), else ``all``."""
+    if config.trainable not in ("auto", "all", "head"):
+        raise ValueError(f"unknown trainable {config.trainable!r}")
+    if config.trainable != "auto":
+        return config.trainable
+    head = sum(p.numel() for p in classifier_head(model).parameters())
+    return "head" if head >= config.head_share * sum(p.numel() for p in model.parameters()) \
+        else "all"
+
+
 def steps_to_next_check(history: list[dict[str, float]], config: MatchConfig, *,
                         tolerance: float | None) -> int:
     """``check_every``, unless the attack's gap is closing so slowly that, at its mean rate
@@ -322,7 +343,8 @@ class Match(UnlearningMethod):
         reference_order = cycle_indices(len(matching_reference),
                                         config.reference_batch_size or config.forget_batch_size,
                                         generator, device)
-        if config.trainable == "head":
+        trainable = resolve_trainable(config, model)
+        if trainable == "head":
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
             for parameter in classifier_head(model).parameters():
@@ -411,4 +433,5 @@ class Match(UnlearningMethod):
         elif stopped == "diverged":
             model.load_state_dict(initial_state)
         return RunOutcome(step, {"stopped": stopped, "statistic": statistic,
+                                 "trainable": trainable,
                                  "checks": history, "best_attack_gap": best_gap})
