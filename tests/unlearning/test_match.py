@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.unlearning.conftest import CPU, World
+from unlearning.data.datasets import ImageDataset
 from unlearning.loops import evaluate
 from unlearning.methods import get_method
 from unlearning.scenarios import attack_success_rate
@@ -131,3 +132,43 @@ def test_auto_trainable_takes_the_head_only_where_it_holds_most_parameters() -> 
     assert resolve_trainable(MatchConfig(head_share=0.99), small) == "all"
     with pytest.raises(ValueError, match="trainable"):
         resolve_trainable(MatchConfig(trainable="body"), small)
+
+
+def test_stopping_rule_tightens_for_a_large_subset_only() -> None:
+    from unlearning.methods.match import MatchConfig, resolve_stopping
+
+    def rule(config: MatchConfig) -> tuple:
+        return config.check_size, config.stopping_fraction, config.tolerance
+
+    config = MatchConfig()
+    assert rule(resolve_stopping(config, 6000)) == (2000, 0.7, 0.01)
+    assert rule(resolve_stopping(config, 1999)) == (1000, 0.5, 0.02)
+    assert rule(resolve_stopping(config, None)) == (1000, 0.5, 0.02)  # class and backdoor
+    explicit = MatchConfig(check_size=500, stopping_fraction=0.4, tolerance=0.0)
+    assert rule(resolve_stopping(explicit, 6000)) == (500, 0.4, 0.0)
+
+
+def test_the_head_stands_in_for_the_model_only_when_nothing_runs_after_it(
+        fashion: ImageDataset) -> None:
+    from unlearning.architectures import build_model
+    from unlearning.loops import SampleSet, predict_logits
+    from unlearning.methods.match import classifier_head, head_inputs, head_logits
+
+    samples = SampleSet(fashion.images[:300], fashion.labels[:300])
+    model = build_model({"name": "cnn-small", "kwargs": {"num_classes": 10}}).eval()
+    head = classifier_head(model)
+    inputs = head_inputs(model, head, samples, CPU)
+    assert inputs is not None and len(inputs) == 300
+    assert torch.allclose(head_logits(head, inputs, CPU), predict_logits(model, samples, CPU),
+                          atol=1e-5)
+
+    class Tempered(torch.nn.Module):  # a temperature after the head
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(x) / 2.0
+
+    tempered = Tempered().eval()
+    assert head_inputs(tempered, classifier_head(tempered), samples, CPU) is None
