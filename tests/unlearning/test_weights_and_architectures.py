@@ -53,7 +53,7 @@ def test_forward_by_parts_gives_the_concatenated_pass_outputs_and_gradients(name
 
     def loss_and_grads(outputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad()
-        loss = sum(w * out.logsumexp(1).mean() for w, out in zip(weights, outputs))
+        loss = sum(w * out.logsumexp(1).mean() for w, out in zip(weights, outputs, strict=True))
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -63,7 +63,7 @@ def test_forward_by_parts_gives_the_concatenated_pass_outputs_and_gradients(name
     whole = list(model(torch.cat(parts)).split([5, 7, 3]))
     expected_loss, expected_grads = loss_and_grads(whole)
     torch.testing.assert_close(loss, expected_loss)
-    for grad, expected in zip(grads, expected_grads):
+    for grad, expected in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
 
 
