@@ -34,8 +34,9 @@ def test_match_subset_reaches_the_retrains_membership_signal_and_keeps_test_accu
     assert abs(mia.accuracy - retrain_mia.accuracy) <= 0.03
     test_before = evaluate(subset_world.original, data.test, CPU)["accuracy"]
     assert evaluate(result.model, data.test, CPU)["accuracy"] >= test_before - 0.02
-    # cnn-small keeps 96 % of its parameters in its dense head: only the head was trained
-    assert result.details["trainable"] == "head"
+    # cnn-small keeps 96 % of its parameters in its dense head: only the head was trained,
+    # on head inputs computed once
+    assert result.details["trainable"] == "head" and result.details["cached_head_inputs"]
     original, unlearned = subset_world.original.state_dict(), result.model.state_dict()
     assert all(torch.equal(original[k], unlearned[k]) for k in original if k.startswith("features"))
     assert not all(torch.equal(original[k], unlearned[k]) for k in original
@@ -172,3 +173,16 @@ def test_the_head_stands_in_for_the_model_only_when_nothing_runs_after_it(
 
     tempered = Tempered().eval()
     assert head_inputs(tempered, classifier_head(tempered), samples, CPU) is None
+
+
+def test_match_runs_the_whole_model_each_step_when_head_inputs_would_not_fit(
+        subset_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import unlearning.methods.match as match_module
+
+    monkeypatch.setattr(match_module, "HEAD_INPUT_CACHE_BYTES", 0)
+    data = subset_world.data
+    result = _match(subset_world)
+    assert result.details["trainable"] == "head" and not result.details["cached_head_inputs"]
+    assert result.details["stopped"] == "blind"
+    test_before = evaluate(subset_world.original, data.test, CPU)["accuracy"]
+    assert evaluate(result.model, data.test, CPU)["accuracy"] >= test_before - 0.02
