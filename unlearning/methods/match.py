@@ -31,7 +31,8 @@ Design (measurements and the alternatives tried are in unlearning/README.md):
   through the convolutions.
 * Stopping rule: every ``check_every`` steps, the verifier's population attack on a fixed
   forget sample against a second holdout slice disjoint from the matching reference; stop when
-  its accuracy stays within ``tolerance`` of 0.5 for ``patience`` checks. A forget set below
+  its accuracy stays within ``tolerance`` of 0.5 for ``patience`` checks (0.02; for a large
+  subset 0.01, on more forget and unseen samples, see ``resolve_stopping``). A forget set below
   ``min_population`` samples (one subject's handful) is judged by the verifier's KS test
   instead: stop when its p-value stays at or above ``ks_stop_p_value``.
 * Scenarios: the reference is relabelled with the forgotten label for class and backdoor
