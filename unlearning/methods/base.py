@@ -29,7 +29,7 @@ from unlearning.loops import (
     sgd,
     to_inputs,
 )
-from unlearning.runtime import eval_mode, resolve_device, seed_everything
+from unlearning.runtime import eval_mode, load_lazy_modules, resolve_device, seed_everything
 from unlearning.scenarios import Scenario
 from unlearning.training import Recipe
 
@@ -113,6 +113,7 @@ class UnlearningMethod(ABC):
             raise ValueError("the forget set is empty")
         working = copy.deepcopy(model).to(torch_device)
         ctx = RunContext(progress, cancel)
+        load_lazy_modules()
         started, cpu_started = time.perf_counter(), time.process_time()
         outcome = self.run(working, task, config, ctx=ctx, device=torch_device,
                            generator=generator, seed=seed)
