@@ -53,8 +53,8 @@ EVERY_LAYER = {"trainable": "all", **SMALL_SET_RULE}  # match before 2026-12-01
 # key: (the table's name, match's config overrides)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "defaults": ("defaults (margin statistic, head only, large-set stopping rule)", {}),
-    "small-set-rule": ("head only, the smaller sets' stopping rule (1 000 forget samples, "
-                       "half the reference, within 0.02)",
+    "small-set-rule": ("head only, the smaller sets' stopping rule before 2026-12-01 (1 000 "
+                       "forget samples, half the reference, within 0.02)",
                        SMALL_SET_RULE),
     "all-layers": ("every layer trained, the smaller sets' stopping rule (the defaults "
                    "before)", EVERY_LAYER),
