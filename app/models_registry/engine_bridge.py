@@ -15,11 +15,12 @@ def method_names() -> set[str]:
 
 
 def check_method_config(method: str, config: dict[str, Any]) -> None:
-    """Raise ValueError unless ``config`` only sets fields the method's Config has."""
+    """Raise ValueError unless ``config`` only sets fields the method's Config has, each to a
+    value of its type."""
     from unlearning.methods import METHODS
 
     try:
-        METHODS[method].Config(**config)
+        METHODS[method].Config.checked(config)
     except TypeError as exc:
         raise ValueError(f"method_config for {method!r}: {exc}") from None
 

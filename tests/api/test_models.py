@@ -123,6 +123,10 @@ def test_models_validate_dataset_architecture_and_policy(
     assert create(architecture={"name": "os:system", "kwargs": {"command": "true"}}) == 422
     assert create(policy={"method": "no-such-method"}) == 422
     assert create(policy={"method_config": {"no_such_field": 1}}) == 422
+    # a value the job would trip over: refused when the policy is registered
+    assert create(policy={"method": "match", "method_config": {"tolerance": None}}) == 422
+    assert create(policy={"method": "match", "method_config": {"max_steps": "many"}}) == 422
+    assert create(policy={"method": "match", "method_config": {"max_steps": True}}) == 422
     assert create(policy={"due_days": 0}) == 422
     assert create() == 201
     assert create() == 409
