@@ -4,6 +4,7 @@ Kept in one place so the API layer's dependency on the engine is visible and sma
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,22 @@ def method_names() -> set[str]:
 
 def check_method_config(method: str, config: dict[str, Any]) -> None:
     """Raise ValueError unless ``config`` only sets fields the method's Config has, each to a
-    value of its type."""
+    value of its type, so a job does not trip over it later (JSON's rules, strictly: an int
+    stands for a float, a bool is no number, null only where the field allows it)."""
+    from pydantic import TypeAdapter, ValidationError
+
     from unlearning.methods import METHODS
 
+    config_class = METHODS[method].Config
     try:
-        METHODS[method].Config.checked(config)
+        config_class(**config)  # unknown fields
+        TypeAdapter(config_class).validate_json(json.dumps(config), strict=True)
     except TypeError as exc:
         raise ValueError(f"method_config for {method!r}: {exc}") from None
+    except ValidationError as exc:
+        wrong = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}"
+                          for error in exc.errors())
+        raise ValueError(f"method_config for {method!r}: {wrong}") from None
 
 
 def check_training_recipe(recipe: dict[str, Any]) -> None:

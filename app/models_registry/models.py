@@ -107,8 +107,10 @@ class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field(default="match", examples=["match"])
-    method_config: dict[str, Any] = Field(default_factory=dict,
-                                          description="Overrides of the method's defaults.")
+    method_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the method's defaults: fields of its config, each set to a "
+                    "value of the field's type (an unknown field or a wrong type: 422).")
     due_days: int = Field(default=30, ge=1, le=90,
                           description="Days from receipt to the legal deadline.")
     require_approval: bool = False

@@ -217,3 +217,17 @@ def test_malformed_predict_inputs_are_422(
                            headers={**requester, "Content-Type": "application/json"})
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_method_config_is_checked_field_by_field() -> None:
+    from app.models_registry.engine_bridge import check_method_config
+    from unlearning.methods import METHODS
+
+    check_method_config("match", {"lr": 1, "max_steps": 10, "check_size": None,
+                                  "statistic": "loss"})
+    for bad in ({"tolerance": None}, {"max_steps": 2.5}, {"max_steps": True},
+                {"lr": "0.1"}, {"statistic": 3}, {"no_such_field": 1}):
+        with pytest.raises(ValueError, match="method_config"):
+            check_method_config("match", bad)
+    for name in METHODS:  # every method's published defaults pass their own check
+        check_method_config(name, METHODS[name].Config().to_dict())

@@ -129,16 +129,3 @@ def test_a_method_clock_does_not_bill_torch_lazy_imports(
                              config=quick_config("ga"))
     assert events[:2] == ["warm-up", "clock"]
 
-
-def test_a_config_from_json_is_checked_field_by_field() -> None:
-    config_class = METHODS["match"].Config
-    checked = config_class.checked({"lr": 1, "max_steps": 10, "check_size": None,
-                                    "statistic": "loss"})
-    assert checked == config_class(lr=1, max_steps=10, check_size=None, statistic="loss")
-    for bad in ({"tolerance": None}, {"max_steps": 2.5}, {"max_steps": True},
-                {"lr": "0.1"}, {"statistic": 3}, {"no_such_field": 1}):
-        with pytest.raises(TypeError):
-            config_class.checked(bad)
-    for name in METHODS:  # every method's published defaults pass their own check
-        defaults = METHODS[name].Config()
-        assert type(defaults).checked(defaults.to_dict()) == defaults

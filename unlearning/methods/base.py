@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-import types
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -54,39 +52,6 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def checked(cls, values: dict[str, Any]) -> MethodConfig:
-        """``cls(**values)`` from JSON, refusing (TypeError) an unknown field or a value of
-        the wrong type: a policy's ``method_config`` is checked when it is registered, not
-        when a job it runs trips over it. An int stands for a float; a bool is no number."""
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls) if f.init}
-        for name, value in values.items():
-            if name in fields and not _has_type(value, hints[name]):
-                raise TypeError(f"{name} must be {_type_name(hints[name])}, "
-                                f"got {value!r}")
-        return cls(**values)
-
-
-def _has_type(value: Any, annotation: Any) -> bool:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_has_type(value, option) for option in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation in (str, bool):
-        return isinstance(value, annotation)
-    return True  # no config field has another type; nothing to check it against
-
-
-def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(option) for option in typing.get_args(annotation))
-    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 @dataclass(frozen=True)
