@@ -114,7 +114,7 @@ def _resnet18(in_channels: int = 3, num_classes: int = 10, input_size: int | Non
     model = resnet18(weights=None, num_classes=num_classes)
     if cifar_stem:
         model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()  # type: ignore[assignment]
+        model.maxpool = nn.Identity()
     elif in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     return model

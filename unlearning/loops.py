@@ -120,7 +120,7 @@ class RunContext:
             return False
         if hasattr(self._cancel, "is_set"):
             return bool(self._cancel.is_set())
-        return bool(self._cancel())  # type: ignore[operator]
+        return bool(self._cancel())
 
     def check(self) -> None:
         if self.cancelled():

@@ -52,7 +52,7 @@ class MaskedSmallGradients(UnlearningMethod):
             seed: int) -> RunOutcome:
         model.train()
         accumulate_gradients(model, task, config.batch_size, device, generator, ctx)
-        gradient_scales: dict[nn.Parameter, torch.Tensor] = {}
+        gradient_scales: dict[torch.Tensor, torch.Tensor] = {}
         reinitialised = 0
         with torch.no_grad():
             for module in model.modules():
