@@ -335,9 +335,34 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
               "seeds": list(dict.fromkeys(s for r in results for s in r["config"]["seeds"])),
               "methods": list(dict.fromkeys(m for r in results
                                             for m in r["config"]["methods"]))}
-    return {**results[0], "config": config, "original": _summary(per_seed("original")),
+    return {**results[0], "config": config, "machines": machines_by_seed(results),
+            "original": _summary(per_seed("original")),
             "retrain": _summary(per_seed("retrain")), "runs": runs,
             "finished_at": max(r["finished_at"] for r in results)}
+
+
+def machines_by_seed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each distinct machine of ``results`` with the seeds it ran (``seeds`` beside the
+    machine's description), in order of appearance; a merged result brings its own list."""
+    machines: list[dict[str, Any]] = []
+    for result in results:
+        for entry in result.get("machines") or [{**result["machine"],
+                                                 "seeds": result["config"]["seeds"]}]:
+            machine = {k: v for k, v in entry.items() if k != "seeds"}
+            known = next((m for m in machines
+                          if {k: v for k, v in m.items() if k != "seeds"} == machine), None)
+            if known is None:
+                machines.append({**machine, "seeds": list(entry["seeds"])})
+            else:
+                known["seeds"] = list(dict.fromkeys([*known["seeds"], *entry["seeds"]]))
+    return machines
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    return (f"{machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch "
+            f"threads), device {machine['device']}"
+            f"{', ' + machine['gpu'] if 'gpu' in machine else ''}, torch {machine['torch']}, "
+            f"Python {machine['python']}")
 
 
 def merge_by_scenario(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -399,13 +424,13 @@ def markdown_table(result: dict[str, Any]) -> str:
 def markdown_report(results: list[dict[str, Any]], title: str) -> str:
     """Machine, recipe and one table per scenario, for benchmarks/results/."""
     first = results[0]
-    machine = first["machine"]
     config = first["config"]
+    machines = first.get("machines") or []
+    machine_text = ("Machines: " + "; ".join(
+        f"{_machine_line(m)} (seeds {', '.join(map(str, m['seeds']))})" for m in machines)
+        if len(machines) > 1 else "Machine: " + _machine_line(first["machine"]))
     lines = [f"# {title}", "",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores "
-             f"({machine['torch_threads']} torch threads), device {machine['device']}"
-             f"{', ' + machine['gpu'] if 'gpu' in machine else ''}, torch {machine['torch']}, "
-             f"Python {machine['python']}.", "",
+             f"{machine_text}.", "",
              f"Dataset {config['dataset']}, architecture {config['arch']}, recipe "
              f"`{json.dumps(config['recipe'])}`, seeds {list(config['seeds'])}.", "",
              "RA / FA / TA: retain / forget / test accuracy (class scenario: TA on the other "

@@ -94,6 +94,21 @@ def test_results_of_one_seed_each_merge_into_the_multi_seed_result(tmp_path: Pat
         assert merged[kind]["test_acc"] == pytest.approx(both[kind]["test_acc"])
         assert [r["seed"] for r in merged[kind]["per_seed"]] == [0, 1]
     assert markdown_table(merged).count("\n") == markdown_table(both).count("\n")
+    assert merged["machines"] == [{**first["machine"], "seeds": [0, 1]}]
+    assert "\nMachine: " in markdown_report([merged], "t")
+
+    # seeds run on different machines: the report names each with its seeds, and a merged
+    # result merged again keeps them
+    elsewhere = {**second, "machine": {**second["machine"], "cpu": "Other CPU"}}
+    mixed = merge_results([first, elsewhere])
+    assert [(m["cpu"], m["seeds"]) for m in mixed["machines"]] == \
+        [(first["machine"]["cpu"], [0]), ("Other CPU", [1])]
+    report = markdown_report([mixed], "t")
+    assert "Machines: " in report and "Other CPU, " in report and "(seeds 1)" in report
+    third = run((2,))
+    again = merge_results([mixed, third])
+    assert [(m["cpu"], m["seeds"]) for m in again["machines"]] == \
+        [(first["machine"]["cpu"], [0, 2]), ("Other CPU", [1])]
 
     # `lethe lab table` merges files of one scenario the same way
     paths = [tmp_path / "seed0.json", tmp_path / "seed1.json"]
