@@ -344,18 +344,15 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
 def machines_by_seed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each distinct machine of ``results`` with the seeds it ran (``seeds`` beside the
     machine's description), in order of appearance; a merged result brings its own list."""
-    machines: list[dict[str, Any]] = []
+    machines: dict[str, dict[str, Any]] = {}  # by the description's JSON
     for result in results:
         for entry in result.get("machines") or [{**result["machine"],
                                                  "seeds": result["config"]["seeds"]}]:
             machine = {k: v for k, v in entry.items() if k != "seeds"}
-            known = next((m for m in machines
-                          if {k: v for k, v in m.items() if k != "seeds"} == machine), None)
-            if known is None:
-                machines.append({**machine, "seeds": list(entry["seeds"])})
-            else:
-                known["seeds"] = list(dict.fromkeys([*known["seeds"], *entry["seeds"]]))
-    return machines
+            known = machines.setdefault(json.dumps(machine, sort_keys=True),
+                                        {**machine, "seeds": []})
+            known["seeds"] = list(dict.fromkeys([*known["seeds"], *entry["seeds"]]))
+    return list(machines.values())
 
 
 def _machine_line(machine: dict[str, Any]) -> str:
