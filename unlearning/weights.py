@@ -8,6 +8,7 @@ upload that does not fit without executing anything from it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -124,3 +125,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     check_weights_file(path, model)
     model.load_state_dict(load_file(str(path), device="cpu"), strict=True)
     return model
+
+
+def tensor_sha256(model: nn.Module) -> str:
+    """sha256 over the state dict's names, dtypes, shapes and bytes, in name order: equal
+    exactly when the weights are, whatever metadata a file's header carries."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()

@@ -31,8 +31,13 @@ from unlearning.methods import METHODS, MethodConfig, get_method
 from unlearning.runtime import resolve_device
 from unlearning.scenarios import Scenario, Trigger
 from unlearning.training import Recipe
-from unlearning.verification.report import Thresholds, build_verification_report, decide
-from unlearning.weights import load_weights, save_weights
+from unlearning.verification.report import (
+    MethodRun,
+    Thresholds,
+    build_verification_report,
+    threshold_names,
+)
+from unlearning.weights import load_weights, save_weights, tensor_sha256
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -120,6 +125,7 @@ def _execute(ctx: WorkerContext, job_id: str) -> str:
                                         "note": "no training sample of the model is covered"})
         return "unchanged"
     base_model = load_weights(build_model(architecture), base_path)
+    parent_tensors = tensor_sha256(base_model)
     device = resolve_device(ctx.settings.device)
     seed = int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16)
     while True:
@@ -136,30 +142,31 @@ def _execute(ctx: WorkerContext, job_id: str) -> str:
         report = build_verification_report(
             result.model, base_model, forget=data.forget, holdout=data.audit, test=data.test,
             scenario=data.scenario, device=device, retain=retain_check, seed=seed)
-        decision = decide(report, thresholds_for(policy))
-        report.update(passed=decision.passed, reasons=decision.failures,
-                      thresholds=thresholds_for(policy).to_dict(), method=method_name,
-                      escalation_level=level, steps=result.steps,
-                      seconds=round(result.seconds, 3), method_details=_jsonable(result.details))
-        report["summary"] = summarize(report)
+        report.record(run=MethodRun(method=method_name, escalation_level=level,
+                                    steps=result.steps, seconds=result.seconds,
+                                    parent_tensor_sha256=parent_tensors,
+                                    tensor_sha256=tensor_sha256(result.model),
+                                    details=_jsonable(result.details)),
+                      thresholds=thresholds_for(policy))
         staged = _stage(ctx, result.model, {"lethe.job": job_id, "lethe.parent": base_sha,
                                             "lethe.scenario": scenario_key})
-        if decision.passed:
+        stored = report.to_dict()
+        if report.passed:
             with ctx.session() as db_session:
                 version = jobs.publish(db_session, job_id=job_id, staged=staged,
-                                       store=ctx.artifacts, signer=ctx.signer, report=report,
-                                       metrics=report["summary"], forgotten=data.forgotten)
+                                       store=ctx.artifacts, signer=ctx.signer, report=stored,
+                                       metrics=stored["summary"], forgotten=data.forgotten)
             log.info("job %s: published version %d", job_id, version.number)
             return "published"
         with ctx.session() as db_session:
             jobs.reject_candidate(db_session, _job(db_session, job_id), staged=staged,
-                                  store=ctx.artifacts, report=report, metrics=report["summary"])
+                                  store=ctx.artifacts, report=stored, metrics=stored["summary"])
             next_level = jobs.next_escalation(policy, level)
             if next_level is None:
-                jobs.fail(db_session, _job(db_session, job_id), report=report,
-                          reason="verification failed: " + "; ".join(decision.failures))
+                jobs.fail(db_session, _job(db_session, job_id), report=stored,
+                          reason="verification failed: " + "; ".join(report.reasons))
                 return "failed"
-            jobs.escalate(db_session, _job(db_session, job_id), level=next_level, report=report)
+            jobs.escalate(db_session, _job(db_session, job_id), level=next_level, report=stored)
         level = next_level
 
 
@@ -189,41 +196,9 @@ def method_for(policy: Policy, level: int) -> tuple[str, MethodConfig]:
 
 
 def thresholds_for(policy: Policy) -> Thresholds:
-    limits = policy.verification
-    return Thresholds(min_indiscernibility=limits.min_indiscernibility,
-                      max_test_accuracy_drop=limits.max_test_accuracy_drop,
-                      max_forget_class_accuracy=limits.max_forget_class_accuracy,
-                      max_attack_success_rate=limits.max_attack_success_rate,
-                      min_ks_p_value=limits.min_ks_pvalue)
-
-
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """The flat figures a version records as metrics and a certificate repeats."""
-    summary: dict[str, Any] = {"passed": report["passed"], "n_forget": report["n_forget"],
-                               "method": report["method"],
-                               "escalation_level": report["escalation_level"]}
-    mia = report.get("mia")
-    if mia:
-        candidate, base = mia["candidate"], mia["base"]
-        summary.update(mia_accuracy=candidate["accuracy"], mia_auc=candidate["auc"],
-                       mia_ci95=[candidate["ci_low"], candidate["ci_high"]],
-                       mia_n=candidate["n_members"],
-                       indiscernibility=candidate["indiscernibility"],
-                       base_mia_accuracy=base["accuracy"])
-    if report.get("ks"):
-        summary["ks_p_value"] = report["ks"]["p_value"]
-    utility = report["utility"]
-    summary.update(test_accuracy=utility["test_accuracy"],
-                   base_test_accuracy=utility["base_test_accuracy"],
-                   forget_accuracy=report.get("forget_accuracy"))
-    if "retain_accuracy" in utility:
-        summary["retain_accuracy"] = utility["retain_accuracy"]
-    if report.get("class"):
-        summary["forget_class_accuracy"] = report["class"]["forget_class_accuracy"]
-    if report.get("backdoor"):
-        summary["attack_success_rate"] = report["backdoor"]["attack_success_rate"]
-        summary["base_attack_success_rate"] = report["backdoor"]["base_attack_success_rate"]
-    return summary
+    """The policy's verification settings that are thresholds; the names are shared."""
+    settings = policy.verification.model_dump()
+    return Thresholds(**{name: settings[name] for name in threshold_names() if name in settings})
 
 
 def load_job_data(db_session: Session, ctx: WorkerContext, job: UnlearningJob,

@@ -78,3 +78,11 @@ def check_weights_file(path: Path, spec: dict[str, Any]) -> None:
     except Exception as exc:  # a header built to break the parser is the file's fault too
         raise ValueError(f"not a loadable safetensors file: {type(exc).__name__}: {exc}"
                          ) from None
+
+
+def check_reference_count(k: int) -> int:
+    """``k`` if a reference set may have that many models (the engine's rule), else
+    ValueError saying why."""
+    from unlearning.verification.references import check_reference_count as check
+
+    return check(k)

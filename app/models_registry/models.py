@@ -6,13 +6,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.audit.models import JSONType
 from app.core.db import Base, UTCDateTime, utcnow
 from app.datasets.models import NAME_PATTERN
+from app.models_registry.engine_bridge import check_reference_count
 
 PRODUCTION = "production"
 
@@ -91,9 +92,27 @@ class VerificationPolicy(BaseModel):
         default=0.02, ge=0, le=1, description="Absolute drop against the base version.")
     max_forget_class_accuracy: float = Field(default=0.05, ge=0, le=1)
     max_attack_success_rate: float = Field(default=0.10, ge=0, le=1)
-    min_ks_pvalue: float = Field(
-        default=0.01, ge=0, le=1,
-        description="Per-sample test: forget losses must look like holdout losses.")
+    min_ks_p_value: float = Field(
+        default=0.01, ge=0, le=1, validation_alias=AliasChoices("min_ks_p_value", "min_ks_pvalue"),
+        description="KS test (second check for small forget sets): forget losses must look "
+                    "like holdout losses.")
+    alpha: float = Field(
+        default=0.05, gt=0, lt=1,
+        description="Per-request membership test: false-discovery rate (Benjamini-Hochberg) "
+                    "across a batch's requests.")
+    references: int = Field(
+        default=8, description="Reference models per reference set: a multiple of 4 from 8 "
+                               "to 16 (half for the gate, half for the method).")
+    require_references: bool = Field(
+        default=True, description="Keep requests queued until the served version has "
+                                  "reference statistics (per-sample evidence).")
+    build_references_on_register: bool = Field(
+        default=True, description="Start a reference job when a version is uploaded.")
+
+    @field_validator("references")
+    @classmethod
+    def _references(cls, k: int) -> int:
+        return check_reference_count(k)
 
 
 class EscalationPolicy(BaseModel):

@@ -85,3 +85,9 @@ def backdoor_world(fashion: ImageDataset, model_cache: ModelCache) -> World:
 
 def fresh_model() -> nn.Module:
     return build_model({"name": "cnn-small", "kwargs": {"in_channels": 1, "num_classes": 10}})
+
+
+@pytest.fixture(scope="session")
+def reference_world(subset_world: World, data_dir: Path):  # -> reference_world.ReferenceWorld
+    from tests.unlearning import reference_world as references
+    return references.build(subset_world, data_dir / "test-cache")
