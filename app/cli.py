@@ -135,5 +135,18 @@ def certificate_verify(document: click.utils.LazyFile, public_key_file: click.ut
         for entry in statement.get("models", []):
             click.echo(f"  {entry['model']} v{entry['version']} sha256={entry['weights_sha256']}"
                        f" method={entry.get('method')}")
+            click.echo(f"    outcome: {entry.get('outcome', 'unknown')}, evidence: "
+                       f"{entry.get('evidence', 'unknown')}, method steps: "
+                       f"{entry.get('method_steps')}, weights changed: "
+                       f"{entry.get('weights_changed')}")
+            figures = entry.get("per_sample")
+            if figures:
+                click.echo(f"    per-sample: n={figures['n_testable']}/{figures['n']}, "
+                           f"p before {figures['p_before']:.3g}, p after "
+                           f"{figures['p_value']:.3g}, {figures['references']} OUT references, "
+                           f"alpha {figures['alpha']}, detectable shift "
+                           f"{figures['detectable_shift']:.2f} sd")
+            if entry.get("statement"):
+                click.echo(f"    {entry['statement']}")
     raise SystemExit(0 if valid else 1)
 COMMANDS = [serve, db, keys, certificate]

@@ -23,6 +23,7 @@ from app.models_registry.artifacts import ArtifactStore
 from app.models_registry.views import router as models_router
 from app.observability.metrics import router as metrics_router
 from app.observability.middleware import ObservabilityMiddleware
+from app.references.views import router as references_router
 from app.requests.intake import group_committer
 from app.requests.views import router as requests_router
 from app.serving.service import ModelServer
@@ -69,7 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ObservabilityMiddleware, access_log_enabled=settings.access_log)
     for router in (health_router, requests_router, datasets_router, models_router,
                    serving_router, jobs_router, certificates_router, audit_router, keys_router,
-                   webhooks_router):
+                   webhooks_router, references_router):
         app.include_router(router)
     app.include_router(metrics_router)
     install_dashboard(app)

@@ -7,11 +7,13 @@ from app.core.db import Base
 from app.datasets.models import Dataset, Sample
 from app.jobs.models import UnlearningJob
 from app.models_registry.models import Model, ModelAlias, ModelVersion
+from app.references.models import ReferenceSet, ReferenceStatistic
 from app.requests.models import DeletionRequest, DeletionTarget
 from app.webhooks.models import Webhook, WebhookDelivery
 
 metadata = Base.metadata
 
 __all__ = ["ApiKey", "AuditEvent", "Certificate", "Dataset", "DeletionRequest",
-           "DeletionTarget", "Model", "ModelAlias", "ModelVersion", "Sample", "UnlearningJob",
+           "DeletionTarget", "Model", "ModelAlias", "ModelVersion", "ReferenceSet",
+           "ReferenceStatistic", "Sample", "UnlearningJob",
            "Webhook", "WebhookDelivery", "metadata"]

@@ -86,6 +86,9 @@ def run_once(world: World, workdir: Path, *, rate: float, duration: float, max_w
             register_world(api, operator, world, store, dataset="fashion", model=MODEL,
                            policy={"batching": {"max_batch": max_batch,
                                                 "max_wait_seconds": max_wait},
+                                   # latency without the reference job: gate_power.py prices it
+                                   "verification": {"require_references": False,
+                                                    "build_references_on_register": False},
                                    "training_recipe": world.recipe.to_dict()})
             return drive(api, operator, requester, store, rate=rate, duration=duration,
                          seed=seed, drain_timeout=drain_timeout) | {"max_wait_seconds": max_wait,

@@ -181,3 +181,66 @@ def stop_services(processes: dict[str, subprocess.Popen[bytes]], timeout: float 
 
 if __name__ == "__main__":
     main()
+
+
+@main.group()
+def references() -> None:
+    """Reference statistics for per-sample verification."""
+
+
+def _session():  # type: ignore[no-untyped-def]
+    from app.core.db import make_engine, make_sessionmaker, session_scope
+
+    settings = get_settings()
+    ensure_schema(settings.resolved_database_url)
+    return session_scope(make_sessionmaker(make_engine(settings.resolved_database_url)))
+
+
+@references.command("build")
+@click.argument("model")
+@click.option("--references", "k", type=int, default=None,
+              help="Reference models (a multiple of 4 from 8 to 16); default: the policy's.")
+@click.option("--now", is_flag=True,
+              help="Train here, in this process, instead of queueing for a worker.")
+def references_build(model: str, k: int | None, now: bool) -> None:
+    """Queue (or with --now, run) a reference job for MODEL."""
+    from app.core.errors import Problem
+    from app.models_registry import service as registry
+    from app.references import service
+
+    with _session() as db_session:
+        try:
+            reference_set, created = service.request_build(
+                db_session, model=registry.get(db_session, name=model), actor="cli",
+                references=k)
+        except Problem as problem:
+            raise click.ClickException(problem.detail) from None
+        set_id, size = reference_set.id, reference_set.n_references
+    click.echo(f"reference set {set_id} ({size} models) "
+               f"{'queued' if created else 'already queued or running'}")
+    if now:
+        from worker import context
+        from worker.references import build
+
+        outcome = build(context.current(), set_id)
+        click.echo(f"reference set {set_id}: {outcome}")
+        raise SystemExit(0 if outcome in ("ready", "skipped") else 1)
+
+
+@references.command("status")
+@click.argument("model")
+def references_status(model: str) -> None:
+    """MODEL's reference sets, newest first: state, progress and cost."""
+    from app.models_registry import service as registry
+    from app.references import service
+
+    with _session() as db_session:
+        found = registry.get(db_session, name=model)
+        rows = service.to_read(db_session, service.list_sets(db_session, model_id=found.id))
+    if not rows:
+        click.echo(f"{model}: no reference sets")
+    for row in rows:
+        click.echo(f"set {row.id}: {row.status.value}, {row.completed}/{row.references} models, "
+                   f"{row.statistics} statistics, {row.cost_seconds:.1f} s"
+                   + (f", {row.phase}" if row.phase and row.status.value == "running" else "")
+                   + (f", failed: {row.failure_reason}" if row.failure_reason else ""))

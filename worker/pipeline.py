@@ -22,23 +22,26 @@ from app.jobs import service as jobs
 from app.jobs.models import UnlearningJob
 from app.models_registry.models import Model, ModelVersion, Policy
 from app.observability.request_id import request_id_context
+from app.references import service as references
 from app.requests import service as requests
 from app.requests.models import DeletionRequest
 from unlearning.architectures import build_model
-from unlearning.data.store import load_samples
 from unlearning.loops import SampleSet
 from unlearning.methods import METHODS, MethodConfig, get_method
 from unlearning.runtime import resolve_device
 from unlearning.scenarios import Scenario, Trigger
 from unlearning.training import Recipe
 from unlearning.verification.report import (
+    GateReferences,
     MethodRun,
     Thresholds,
+    VerificationReport,
     build_verification_report,
     threshold_names,
 )
 from unlearning.weights import load_weights, save_weights, tensor_sha256
 from worker.context import WorkerContext
+from worker.references import load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,13 @@ class JobData:
     test: SampleSet
     scenario: Scenario
     forgotten: dict[int, str]  # every covered sample (any split) -> its request
+    forget_ids: list[int]  # sample ids of `forget`, in order
+    audit_ids: list[int]  # sample ids of `audit`, in order
+
+    @property
+    def forget_requests(self) -> list[str]:
+        """The request each forget sample belongs to, in `forget`'s order."""
+        return [self.forgotten[sample_id] for sample_id in self.forget_ids]
 
 
 def run(ctx: WorkerContext, job_id: str, *, task_id: str | None = None) -> str:
@@ -117,12 +127,14 @@ def _execute(ctx: WorkerContext, job_id: str) -> str:
             raise ArtifactCorrupted(f"{model.name} v{base.number}: sha256 mismatch")
         architecture, base_sha = model.architecture, base.sha256
         level, scenario_key = job.escalation_level, job.scenario
+        gate_references = load_gate_references(db_session, model, data)
     if len(data.forget) == 0:
+        nothing = VerificationReport(scenario=data.scenario.to_dict(), n_forget=0, passed=True,
+                                     per_sample_note="no training sample of the model is "
+                                                     "covered: nothing to unlearn or test")
         with ctx.session() as db_session:
             jobs.complete_unchanged(db_session, job_id=job_id, signer=ctx.signer,
-                                    forgotten=data.forgotten, report={
-                                        "summary": {"passed": True, "n_forget": 0},
-                                        "note": "no training sample of the model is covered"})
+                                    forgotten=data.forgotten, report=nothing.to_dict())
         return "unchanged"
     base_model = load_weights(build_model(architecture), base_path)
     parent_tensors = tensor_sha256(base_model)
@@ -141,7 +153,8 @@ def _execute(ctx: WorkerContext, job_id: str) -> str:
         retain_check = data.retain.sample(RETAIN_CHECK_SAMPLES, torch.Generator().manual_seed(seed))
         report = build_verification_report(
             result.model, base_model, forget=data.forget, holdout=data.audit, test=data.test,
-            scenario=data.scenario, device=device, retain=retain_check, seed=seed)
+            scenario=data.scenario, device=device, retain=retain_check,
+            references=gate_references, alpha=policy.verification.alpha, seed=seed)
         report.record(run=MethodRun(method=method_name, escalation_level=level,
                                     steps=result.steps, seconds=result.seconds,
                                     parent_tensor_sha256=parent_tensors,
@@ -164,7 +177,11 @@ def _execute(ctx: WorkerContext, job_id: str) -> str:
             next_level = jobs.next_escalation(policy, level)
             if next_level is None:
                 jobs.fail(db_session, _job(db_session, job_id), report=stored,
-                          reason="verification failed: " + "; ".join(report.reasons))
+                          reason="verification failed: " + "; ".join(report.reasons),
+                          request_reasons={
+                              request_id: "verification failed: "
+                              + "; ".join(report.reasons_for(request_id))
+                              for request_id in set(data.forgotten.values())})
                 return "failed"
             jobs.escalate(db_session, _job(db_session, job_id), level=next_level, report=stored)
         level = next_level
@@ -185,6 +202,20 @@ def _rows(db_session: Session, job_id: str
     dataset = db_session.get(Dataset, model.dataset_id)
     assert dataset is not None
     return job, model, base, dataset
+
+
+def load_gate_references(db_session: Session, model: Model, data: JobData
+                         ) -> GateReferences | None:
+    """The gate half of the model's ready reference set for the job's forget and audit
+    samples, or None when it has none (the report then says `population-only`)."""
+    reference_set = references.ready_set(db_session, model_id=model.id)
+    if reference_set is None or not data.forget_ids:
+        return None
+    forget_out, holdout_out = references.gate_statistics(
+        db_session, reference_set=reference_set, forget_ids=data.forget_ids,
+        holdout_ids=data.audit_ids)
+    return GateReferences(forget_out, holdout_out, data.forget_requests,
+                          reference_set=reference_set.id)
 
 
 def method_for(policy: Policy, level: int) -> tuple[str, MethodConfig]:
@@ -219,17 +250,15 @@ def load_job_data(db_session: Session, ctx: WorkerContext, job: UnlearningJob,
     root = ctx.settings.resolved_dataset_dir / dataset.store
 
     def tensors(samples: list[Sample]) -> SampleSet:
-        if not samples:
-            return SampleSet(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
-        loaded = load_samples(root, [s.locator for s in samples], labels=[s.label for s in samples])
-        return SampleSet(loaded.x, loaded.y)
+        return load_tensors(root, samples)
 
     def held(split: str) -> list[Sample]:
         return [s for s in datasets.held_samples(db_session, dataset_id=dataset.id, split=split)
                 if s.id not in covered]
 
     forget_rows = [s for s in covered.values() if s.split == "train"]
-    holdout = tensors(held("holdout"))
+    holdout_rows = held("holdout")
+    holdout = tensors(holdout_rows)
     generator = torch.Generator().manual_seed(int(hashlib.sha256(job.id.encode()).hexdigest()[:8],
                                                   16))
     order = torch.randperm(len(holdout), generator=generator)
@@ -239,7 +268,8 @@ def load_job_data(db_session: Session, ctx: WorkerContext, job: UnlearningJob,
         forget=forget, retain=tensors(held("train")),
         reference=holdout.subset(order[:half]), audit=holdout.subset(order[half:]),
         test=tensors(held("test")), scenario=scenario_for(db_session, job, forget),
-        forgotten=forgotten)
+        forgotten=forgotten, forget_ids=[s.id for s in forget_rows],
+        audit_ids=[holdout_rows[i].id for i in order[half:].tolist()])
 
 
 def scenario_for(db_session: Session, job: UnlearningJob, forget: SampleSet) -> Scenario:

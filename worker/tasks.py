@@ -11,8 +11,10 @@ from typing import Any
 import httpx
 
 from app.jobs import service as jobs
+from app.references import service as reference_sets
 from app.webhooks import service as webhooks
 from worker import context, maintenance, pipeline
+from worker import references as references_job
 from worker.celery_app import celery_app
 
 log = logging.getLogger(__name__)
@@ -32,12 +34,36 @@ def dispatch(job_ids: Iterable[str]) -> None:
         jobs.mark_dispatched(db_session, ids)
 
 
+def dispatch_references(set_ids: Iterable[int]) -> None:
+    """Hand reference jobs to the broker (the job queue: they need the GPU), then record
+    when."""
+    ids = list(set_ids)
+    if not ids:
+        return
+    ctx = context.current()
+    for set_id in ids:
+        build_references.apply_async((set_id,), queue=ctx.settings.job_queue)
+    with ctx.session() as db_session:
+        reference_sets.mark_dispatched(db_session, ids)
+
+
 @celery_app.task(name="lethe.batch")
 def batch() -> list[str]:
-    with context.current().session() as db_session:
+    """Plan unlearning jobs, and send reference jobs nobody has sent yet (asked for through
+    the API, which does not talk to the broker)."""
+    ctx = context.current()
+    with ctx.session() as db_session:
         created = [job.id for job in jobs.plan_batches(db_session)]
+        waiting_sets = reference_sets.undispatched(
+            db_session, older_than=max(60.0, 3 * ctx.settings.heartbeat_timeout_seconds))
     dispatch(created)
+    dispatch_references(waiting_sets)
     return created
+
+
+@celery_app.task(name="lethe.build_references")
+def build_references(set_id: int) -> str:
+    return references_job.build(context.current(), set_id)
 
 
 @celery_app.task(name="lethe.run_job", bind=True)
@@ -60,7 +86,9 @@ def sweep() -> list[str]:
     with ctx.session() as db_session:
         again = jobs.requeue_lost(db_session, heartbeat_timeout=timeout)
         again += jobs.undispatched(db_session, older_than=max(60.0, 3 * timeout))
+        lost_sets = reference_sets.requeue_lost(db_session, heartbeat_timeout=timeout)
     dispatch(sorted(set(again)))
+    dispatch_references(lost_sets)
     return again
 
 

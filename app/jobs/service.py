@@ -29,6 +29,7 @@ from app.jobs.models import ACTIVE_JOB_STATUSES, JobRead, JobStatus, UnlearningJ
 from app.models_registry import service as registry
 from app.models_registry.artifacts import ArtifactStore, StagedArtifact
 from app.models_registry.models import Model, ModelVersion, Policy, VersionStatus
+from app.references import service as references
 from app.requests import service as requests
 from app.requests.models import DeletionRequest, DeletionTarget, RequestStatus, TargetStatus
 
@@ -115,6 +116,7 @@ def plan_batches(db_session: Session, *, now: datetime | None = None) -> list[Un
         return []
     busy = set(db_session.scalars(select(UnlearningJob.model_id).where(
         UnlearningJob.status.in_(ACTIVE))))
+    busy |= references.models_waiting(db_session, waiting)  # per-sample evidence first
     created = []
     for model_id, queue in waiting.items():
         if model_id in busy:
@@ -308,15 +310,23 @@ def escalate(db_session: Session, job: UnlearningJob, *, level: int, report: dic
 
 
 def fail(db_session: Session, job: UnlearningJob, *, reason: str,
-         report: dict[str, Any] | None = None) -> None:
-    """End the job as failed; its targets fail with the reason (an operator may retry)."""
+         report: dict[str, Any] | None = None,
+         request_reasons: dict[str, str] | None = None) -> None:
+    """End the job as failed; its targets fail with the reason (an operator may retry).
+    ``request_reasons``: the reason each request's targets show instead, so a requester reads
+    its own request's failures and never another client's request ids."""
     job.status, job.finished_at, job.failure_reason = JobStatus.failed.value, utcnow(), reason
     if report is not None:
         job.report = report
+    targets = [t for t in targets_of(db_session, job.id) if t.status in (
+        TargetStatus.queued.value, TargetStatus.processing.value, TargetStatus.verifying.value)]
     request_ids = _move_targets(
         db_session, job, from_=[TargetStatus.queued.value, TargetStatus.processing.value,
                                 TargetStatus.verifying.value],
         to=TargetStatus.failed, failure_reason=reason)
+    for target in targets:
+        if request_reasons and target.request_id in request_reasons:
+            target.failure_reason = request_reasons[target.request_id]
     _job_event(db_session, job, "failed", reason=reason)
     _sync_requests(db_session, request_ids, reason=reason)
     db_session.commit()
@@ -378,6 +388,8 @@ def _complete(db_session: Session, job: UnlearningJob, version: ModelVersion, *,
                                                 Sample.forgotten_at.is_(None))
                            .values(forgotten_at=now, forgotten_by_request=request_id)
                            .execution_options(synchronize_session=False))
+    # a forgotten sample's reference statistics go in the same transaction as its tombstone
+    references.erase_samples(db_session, list(forgotten))
     _sync_requests(db_session, request_ids, version=version.number)
     for request_id in request_ids:
         request = db_session.get(DeletionRequest, request_id)

@@ -9,6 +9,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
+from app.auth.models import Role
+from app.auth.service import Principal
 from app.core.db import utcnow
 from app.core.errors import Conflict, NotFound, Unprocessable
 from app.datasets import service as datasets
@@ -27,7 +29,7 @@ from app.models_registry.models import (
     VersionRead,
     VersionStatus,
 )
-from app.requests.models import DeletionTarget, TargetStatus
+from app.requests.models import DeletionRequest, DeletionTarget, TargetStatus
 
 SERVABLE = {VersionStatus.candidate, VersionStatus.published, VersionStatus.superseded}
 
@@ -128,12 +130,41 @@ def list_versions(db_session: Session, *, model: Model) -> list[ModelVersion]:
         .order_by(ModelVersion.number)))
 
 
-def version_to_read(db_session: Session, version: ModelVersion) -> VersionRead:
+def version_to_read(db_session: Session, version: ModelVersion, *,
+                    viewer: Principal | None = None) -> VersionRead:
+    """A version as ``viewer`` may see it: a requester's view of the verification report keeps
+    only its own client's per-request rows and reasons (a batch mixes clients' requests)."""
     read = VersionRead.model_validate(version)
     if version.parent_id is not None:
         parent = db_session.get(ModelVersion, version.parent_id)
         read.parent = parent.number if parent else None
+    if viewer is not None and viewer.role == Role.requester and read.verification_report:
+        read.verification_report = redact_report(db_session, read.verification_report,
+                                                 client_id=viewer.client_id)
     return read
+
+
+def redact_report(db_session: Session, report: dict[str, Any], *, client_id: str
+                  ) -> dict[str, Any]:
+    """``report`` without other clients' request ids: per-sample rows and reasons naming a
+    request are kept only for ``client_id``'s own requests."""
+    per_sample = _mapping(report.get("per_sample"))
+    rows = [r for r in per_sample.get("requests", []) if isinstance(r, dict)]
+    named = {str(r.get("request_id")) for r in rows}
+    named |= {str(reason).split(":", 1)[0].removeprefix("request ")
+              for reason in report.get("reasons") or [] if str(reason).startswith("request ")}
+    own = set(db_session.scalars(select(DeletionRequest.id).where(
+        DeletionRequest.id.in_(named), DeletionRequest.client_id == client_id))) if named \
+        else set()
+    redacted = dict(report)
+    if per_sample:
+        redacted["per_sample"] = {**per_sample, "requests": [
+            r for r in rows if r.get("request_id") in own]}
+    redacted["reasons"] = [
+        reason for reason in report.get("reasons") or []
+        if not str(reason).startswith("request ")
+        or str(reason).split(":", 1)[0].removeprefix("request ") in own]
+    return redacted
 
 
 def alias_target(db_session: Session, *, model: Model, alias: str = PRODUCTION
@@ -261,7 +292,9 @@ def mark_purged(db_session: Session, *, model: Model, version: ModelVersion,
 SCORE_KEYS = ("passed", "n_forget", "method", "escalation_level", "mia_accuracy", "mia_auc",
               "mia_n", "indiscernibility", "base_mia_accuracy", "ks_p_value", "test_accuracy",
               "base_test_accuracy", "forget_accuracy", "retain_accuracy",
-              "forget_class_accuracy", "attack_success_rate")
+              "forget_class_accuracy", "attack_success_rate", "evidence", "outcome",
+              "method_steps", "weights_changed", "per_sample_requests", "per_sample_flagged",
+              "per_sample_flagged_before", "per_sample_not_testable", "per_sample_references")
 
 
 def _mapping(value: Any) -> dict[str, Any]:

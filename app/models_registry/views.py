@@ -20,6 +20,7 @@ from app.models_registry.models import (
     VersionRead,
     VersionStatus,
 )
+from app.references import service as references
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -76,6 +77,8 @@ async def upload_version(name: str, request: Request, db_session: SessionDep,
         version = await run_in_threadpool(
             lambda: service.add_version(db_session, model=model, staged=staged, store=store,
                                         actor=principal.actor))
+        await run_in_threadpool(references.build_on_register, db_session, model=model,
+                                actor=principal.actor)
     finally:
         store.discard(staged)  # a no-op once the file has moved to its final name
     return await run_in_threadpool(service.version_to_read, db_session, version)
@@ -85,7 +88,7 @@ async def upload_version(name: str, request: Request, db_session: SessionDep,
             responses={404: PROBLEM})
 def list_versions(name: str, db_session: SessionDep, principal: Reader) -> list[VersionRead]:
     model = service.get(db_session, name=name)
-    return [service.version_to_read(db_session, v)
+    return [service.version_to_read(db_session, v, viewer=principal)
             for v in service.list_versions(db_session, model=model)]
 
 
@@ -95,7 +98,8 @@ def get_version(name: str, number: int, db_session: SessionDep, principal: Reade
                 ) -> VersionRead:
     model = service.get(db_session, name=name)
     return service.version_to_read(db_session,
-                                   service.get_version(db_session, model=model, number=number))
+                                   service.get_version(db_session, model=model, number=number),
+                                   viewer=principal)
 
 
 @router.get("/{name}/versions/{number}/weights", response_class=FileResponse,

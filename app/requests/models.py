@@ -198,6 +198,9 @@ class TargetRead(BaseModel):
     job_id: str | None
     version: int | None = Field(description="The published version that forgot the data.")
     failure_reason: str | None
+    waiting_for: str | None = Field(
+        default=None, description="Why a queued target is not being batched yet (the model "
+                                  "has no reference statistics and its policy requires them).")
 
 
 class DeletionRequestRead(BaseModel):

@@ -41,6 +41,7 @@ from app.core.security import subject_hash
 from app.datasets.models import Sample
 from app.models_registry.models import Model, ModelVersion, Policy
 from app.observability.request_id import get_request_id
+from app.references import service as references
 from app.requests.models import (
     OPEN,
     BackdoorRequest,
@@ -695,11 +696,17 @@ def to_read(db_session: Session, requests: Sequence[DeletionRequest]
         .outerjoin(ModelVersion, ModelVersion.id == DeletionTarget.version_id)
         .where(DeletionTarget.request_id.in_(ids)).order_by(DeletionTarget.id)) if ids else []
     targets: dict[str, list[TargetRead]] = {}
+    rows = list(rows)
+    waiting = references.models_waiting(
+        db_session, {t.model_id for t, _, _ in rows if t.status == TargetStatus.queued.value
+                     and t.job_id is None})
     for target, model_name, version_number in rows:
         targets.setdefault(target.request_id, []).append(TargetRead(
             model=model_name, status=TargetStatus(target.status), scenario=target.scenario,
             sample_count=target.sample_count, job_id=target.job_id, version=version_number,
-            failure_reason=target.failure_reason))
+            failure_reason=target.failure_reason,
+            waiting_for=references.WAITING_REASON if target.model_id in waiting
+            and target.status == TargetStatus.queued.value and target.job_id is None else None))
     now = utcnow()
     return [_read_model(r, targets.get(r.id, []), now) for r in requests]
 

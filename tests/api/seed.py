@@ -41,7 +41,9 @@ def seed_model(client: TestClient, operator: dict[str, str], *, dataset: str = "
         headers={**operator, "Content-Type": "application/x-ndjson"})
     assert response.status_code == 201, response.text
     body: dict[str, Any] = {"name": model, "architecture": MLP, "dataset": dataset}
-    if policy is not None:
-        body["policy"] = policy
+    # no reference jobs in API tests (nothing runs them): requests batch as soon as due
+    body["policy"] = {"verification": {"require_references": False,
+                                       "build_references_on_register": False},
+                      **(policy or {})}
     response = client.post("/v1/models", json=body, headers=operator)
     assert response.status_code == 201, response.text

@@ -102,8 +102,13 @@ def make_deployment(database_url: str, data_dir: Path, world: World,
     app.state.engine.dispose()
 
 
+# Tests about other things than per-sample evidence opt out of reference statistics (a
+# reference job trains 8 models); tests/worker/test_references.py is about them.
+NO_REFERENCES: dict[str, Any] = {"require_references": False,
+                                 "build_references_on_register": False}
 FAST_POLICY: dict[str, Any] = {
     "method_config": {"max_steps": 200},
+    "verification": NO_REFERENCES,
     "batching": {"max_batch": 50, "max_wait_seconds": 0},
     "training_recipe": ORIGINAL_RECIPE.to_dict(),
 }

@@ -1,0 +1,126 @@
+"""One delivery of a reference job: train a model's reference models with its recorded recipe
+on random halves of its (not forgotten) training samples, store each one's per-sample
+statistics as it finishes, and drop its weights. The rules live in app/references/service.py,
+the training and measuring in unlearning/verification/references.py."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.datasets import service as datasets
+from app.datasets.models import Dataset, Sample
+from app.models_registry.models import Model, Policy
+from app.references import service as references
+from app.references.models import ReferenceSet
+from unlearning.architectures import build_model
+from unlearning.data.store import load_samples
+from unlearning.loops import SampleSet
+from unlearning.runtime import resolve_device
+from unlearning.training import Recipe
+from unlearning.verification.references import ReferenceOutput, train_references
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+def build(ctx: WorkerContext, set_id: int) -> str:
+    """Returns `ready`, `failed` or `skipped` (finished already, or alive elsewhere)."""
+    with ctx.session() as db_session:
+        reference_set = db_session.get(ReferenceSet, set_id)
+        if reference_set is None:
+            return "skipped"
+        model = db_session.get(Model, reference_set.model_id)
+        assert model is not None
+        dataset = db_session.get(Dataset, model.dataset_id)
+        assert dataset is not None
+        train_rows = datasets.held_samples(db_session, dataset_id=dataset.id, split="train")
+        holdout_rows = datasets.held_samples(db_session, dataset_id=dataset.id, split="holdout")
+        claimed = references.claim(db_session, set_id=set_id, worker_host=ctx.hostname,
+                                   heartbeat_timeout=ctx.settings.heartbeat_timeout_seconds,
+                                   n_train=len(train_rows), n_holdout=len(holdout_rows))
+        if claimed is None:
+            return "skipped"
+        claimed_set, done = claimed
+        k, seed = claimed_set.n_references, claimed_set.seed
+        policy = Policy.model_validate(model.policy)
+        architecture, name = model.architecture, model.name
+        root = ctx.settings.resolved_dataset_dir / dataset.store
+        train_ids = [s.id for s in train_rows]
+        holdout_ids = [s.id for s in holdout_rows]
+        train_set, holdout = load_tensors(root, train_rows), load_tensors(root, holdout_rows)
+    log.info("reference set %d of %s: %d models (%d stored already) on %d training samples",
+             set_id, name, k, len(done), len(train_ids))
+
+    def store(output: ReferenceOutput) -> None:
+        rows = [(train_ids[p], float(v)) for p, v in zip(output.out_positions.tolist(),
+                                                          output.out_phi.tolist(), strict=True)]
+        rows += [(holdout_ids[i], float(v)) for i, v in enumerate(output.holdout_phi.tolist())]
+        rows = [(sample_id, v) for sample_id, v in rows if np.isfinite(v)]
+        with ctx.session() as db_session:
+            references.store_reference(db_session, set_id=set_id, index=output.index, rows=rows,
+                                       seconds=output.seconds)
+
+    def progress(phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        beat.phase = phase
+
+    with ReferenceHeartbeat(ctx, set_id) as beat:
+        try:
+            train_references(
+                lambda: build_model(architecture), Recipe(**policy.training_recipe),
+                train_set=train_set, holdout=holdout, k=k, seed=seed,
+                device=resolve_device(ctx.settings.device), skip=done, on_reference=store,
+                progress=progress)
+        except Exception as error:
+            log.exception("reference set %d failed", set_id)
+            with ctx.session() as db_session:
+                references.fail(db_session, set_id=set_id,
+                                reason=f"{type(error).__name__}: {error}")
+            return "failed"
+    with ctx.session() as db_session:
+        references.finish(db_session, set_id=set_id)
+    log.info("reference set %d of %s ready", set_id, name)
+    return "ready"
+
+
+def load_tensors(root: Path, samples: list[Sample]) -> SampleSet:
+    """The images and labels of ``samples``, in order (shared with the unlearning pipeline)."""
+    if not samples:
+        return SampleSet(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+    loaded = load_samples(root, [s.locator for s in samples], labels=[s.label for s in samples])
+    return SampleSet(loaded.x, loaded.y)
+
+
+class ReferenceHeartbeat:
+    """Beats (with the current phase) from a thread while reference models train, so a long
+    training is not mistaken for a lost worker."""
+
+    def __init__(self, ctx: WorkerContext, set_id: int) -> None:
+        self.ctx, self.set_id = ctx, set_id
+        self.phase: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"references-{set_id}",
+                                        daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(self.ctx.settings.heartbeat_seconds, 5.0)):
+            try:
+                with self.ctx.session() as db_session:
+                    if self.phase:
+                        references.set_phase(db_session, set_id=self.set_id, phase=self.phase)
+                    else:
+                        references.heartbeat(db_session, set_id=self.set_id)
+            except Exception:  # a missed beat is retried
+                log.warning("heartbeat for reference set %d failed", self.set_id, exc_info=True)
+
+    def __enter__(self) -> ReferenceHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
