@@ -46,7 +46,8 @@ from unlearning.methods import get_method  # noqa: E402
 from unlearning.verification.metrics import retdev  # noqa: E402
 
 TIMED_EPOCHS = 2
-SHOWN = ("retain_acc", "forget_acc", "test_acc", "mia_accuracy")  # the metric columns
+# the metric columns
+SHOWN = ("retain_accuracy", "forget_accuracy", "test_accuracy", "mia_accuracy")
 DATASET = "fashion-mnist"
 SMALL_SET_RULE = {"check_size": 1000, "stopping_fraction": 0.5, "tolerance": 0.02}
 EVERY_LAYER = {"trainable": "all", **SMALL_SET_RULE}  # match before 2026-12-01

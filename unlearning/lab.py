@@ -31,14 +31,17 @@ from unlearning.methods import get_method
 from unlearning.runtime import resolve_device, seed_everything
 from unlearning.scenarios import Scenario, Trigger, poison, select_forget_samples
 from unlearning.training import Recipe, train
-from unlearning.verification.metrics import retdev, rte, scenario_metrics
+from unlearning.verification.metrics import current_names, retdev, rte, scenario_metrics
 from unlearning.weights import load_weights, save_weights
 
 DEFAULT_RECIPES = {
     "fashion-mnist": Recipe(epochs=30, lr=0.05, batch_size=128, weight_decay=0.0),
     "digits": Recipe(epochs=60, lr=0.05, batch_size=64, weight_decay=0.0),
 }
-METRIC_KEYS = ("retain_acc", "forget_acc", "test_acc", "mia_accuracy", "mia_auc", "asr")
+# Named as the verification report's summary names them (older result files are read through
+# verification.metrics.current_names).
+METRIC_KEYS = ("retain_accuracy", "forget_accuracy", "test_accuracy", "mia_accuracy",
+               "mia_auc", "attack_success_rate")
 
 
 @dataclass(frozen=True)
@@ -285,12 +288,12 @@ def run_lab(config: LabConfig, *, progress_factory: Callable[[str], ProgressCall
                 steps = result.steps
                 details = {k: v for k, v in result.details.items() if k != "config"}
             run = {"method": method.name, "scenario": config.scenario, "seed": seed,
-                   **{k: metrics[k] for k in (*METRIC_KEYS, "mia_ci", "mia_n")},
+                   **{k: metrics[k] for k in (*METRIC_KEYS, "mia_ci95", "mia_n")},
                    **timing, "rte": rte(retrain_time[clock], timing[clock]),
                    "retdev": retdev(metrics, retrain_metrics),
                    "mia_gap": abs(metrics["mia_accuracy"] - retrain_metrics["mia_accuracy"]),
-                   "steps": steps, **({"forget_class_test_acc": metrics["forget_class_test_acc"]}
-                                      if "forget_class_test_acc" in metrics else {}),
+                   "steps": steps, **({"forget_class_accuracy": metrics["forget_class_accuracy"]}
+                                      if "forget_class_accuracy" in metrics else {}),
                    "details": details}
             runs.append(run)
             log(f"seed {seed} {method.name:8s} {_brief(run)} rte {run['rte']:.1f} "
@@ -308,6 +311,7 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
     that differ in anything but seeds and methods, are refused."""
     if not results:
         raise ValueError("nothing to merge")
+    results = [_current(result) for result in results]
 
     def experiment(result: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in result["config"].items() if k not in ("seeds", "methods")}
@@ -341,6 +345,14 @@ def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
             "finished_at": max(r["finished_at"] for r in results)}
 
 
+def _current(result: dict[str, Any]) -> dict[str, Any]:
+    """A result file's runs and per-seed rows under today's metric names."""
+    return {**result, "runs": [current_names(run) for run in result["runs"]],
+            **{kind: {**result[kind], "per_seed": [current_names(row)
+                                                   for row in result[kind]["per_seed"]]}
+               for kind in ("original", "retrain") if kind in result}}
+
+
 def machines_by_seed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each distinct machine of ``results`` with the seeds it ran (``seeds`` beside the
     machine's description), in order of appearance; a merged result brings its own list."""
@@ -372,10 +384,10 @@ def merge_by_scenario(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _brief(metrics: dict[str, Any]) -> str:
-    text = (f"RA {metrics['retain_acc']:.4f} FA {metrics['forget_acc']:.4f} "
-            f"TA {metrics['test_acc']:.4f} MIA {metrics['mia_accuracy']:.4f}")
-    if metrics.get("asr") is not None:
-        text += f" ASR {metrics['asr']:.4f}"
+    text = (f"RA {metrics['retain_accuracy']:.4f} FA {metrics['forget_accuracy']:.4f} "
+            f"TA {metrics['test_accuracy']:.4f} MIA {metrics['mia_accuracy']:.4f}")
+    if metrics.get("attack_success_rate") is not None:
+        text += f" ASR {metrics['attack_success_rate']:.4f}"
     return text + f" {metrics['seconds']:.1f}s"
 
 
@@ -398,10 +410,12 @@ def markdown_table(result: dict[str, Any]) -> str:
 
     def row(name: str, per_seed: list[dict[str, Any]], extra: list[str]) -> str:
         cells = [name] + [_cell([r[k] for r in per_seed]) for k in
-                          ("retain_acc", "forget_acc", "test_acc", "mia_accuracy")]
+                          ("retain_accuracy", "forget_accuracy", "test_accuracy",
+                           "mia_accuracy")]
         cells.append(_cell([abs(r["mia_accuracy"] - retrain_mia[r["seed"]]) for r in per_seed]))
         if show_asr:
-            cells.append(_cell([r["asr"] for r in per_seed if r["asr"] is not None]))
+            cells.append(_cell([r["attack_success_rate"] for r in per_seed
+                                if r["attack_success_rate"] is not None]))
         return "| " + " | ".join(cells + extra) + " |"
 
     lines.append(row("original", result["original"]["per_seed"],

@@ -56,9 +56,10 @@ def test_lab_run_writes_the_documented_json_for_padded_inputs(tmp_path: Path) ->
     assert written["config"]["input_shape"] == [3, 12, 12]
     assert [run["method"] for run in written["runs"]] == ["retrain", "ft"]
     for run in written["runs"]:
-        assert {"retain_acc", "forget_acc", "test_acc", "mia_accuracy", "mia_auc", "asr",
-                "seconds", "rte", "retdev", "steps"} <= run.keys()
-        assert run["asr"] is None
+        assert {"retain_accuracy", "forget_accuracy", "test_accuracy", "mia_accuracy",
+                "mia_auc", "attack_success_rate", "seconds", "rte", "retdev",
+                "steps"} <= run.keys()
+        assert run["attack_success_rate"] is None
     # the model really was built for and fed 3x12x12 images: the cached weights say so
     cached = list((tmp_path / "lab-cache" / "digits").glob("*.json"))
     assert cached and all(json.loads(p.read_text())["arch"]["kwargs"]["in_channels"] == 3
@@ -91,7 +92,7 @@ def test_results_of_one_seed_each_merge_into_the_multi_seed_result(tmp_path: Pat
         [(r["seed"], r["method"]) for r in both["runs"]]
     # the same cached models, so the same metrics as one two-seed run; timings differ
     for kind in ("original", "retrain"):
-        assert merged[kind]["test_acc"] == pytest.approx(both[kind]["test_acc"])
+        assert merged[kind]["test_accuracy"] == pytest.approx(both[kind]["test_accuracy"])
         assert [r["seed"] for r in merged[kind]["per_seed"]] == [0, 1]
     assert markdown_table(merged).count("\n") == markdown_table(both).count("\n")
     assert merged["machines"] == [{**first["machine"], "seeds": [0, 1]}]
