@@ -159,3 +159,18 @@ def test_method_half_is_disjoint_from_the_gate_half(reference_world: ReferenceWo
     assert (np.sum(~np.isnan(method), axis=0) == 2).all()
     _, holdout = reference_world.statistics.out_values(GATE)
     assert (np.sum(~np.isnan(holdout), axis=0) == 2).all()
+
+
+def test_samples_without_enough_out_references_are_counted_not_passed() -> None:
+    rng = np.random.default_rng(1)
+    forget_out = rng.normal(size=(4, 6))
+    forget_out[:3, 4:] = np.nan  # the last two samples have a single OUT value
+    holdout_out = rng.normal(size=(4, 300))
+    evidence = per_request_test(
+        candidate_phi=rng.normal(size=6), base_phi=rng.normal(size=6), forget_out=forget_out,
+        holdout_candidate_phi=rng.normal(size=300), holdout_base_phi=rng.normal(size=300),
+        holdout_out=holdout_out, request_of=["a", "a", "a", "a", "b", "b"], alpha=ALPHA)
+    a, b = evidence.requests
+    assert (a.n, a.n_testable, b.n, b.n_testable) == (4, 4, 2, 0)
+    assert b.p_value is None and not b.flagged and not b.testable
+    assert evidence.n_not_testable == 2
