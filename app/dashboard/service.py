@@ -14,15 +14,25 @@ from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.audit.models import AuditEvent, ChainVerification
+from app.auth.models import Role
 from app.auth.service import Principal
+from app.certificates import service as certificates
 from app.core.db import utcnow
+from app.core.errors import NotFound
 from app.datasets.models import Dataset
 from app.jobs import service as jobs
 from app.jobs.models import ACTIVE_JOB_STATUSES, JobRead, UnlearningJob
 from app.models_registry import service as registry
 from app.models_registry.models import Model, ModelVersion, VersionStatus
+from app.references import service as references
+from app.references.models import ReferenceSetRead
 from app.requests import service as requests
-from app.requests.models import DeletionRequest, DeletionRequestRead, RequestStatus
+from app.requests.models import (
+    DeletionRequest,
+    DeletionRequestRead,
+    RequestStatus,
+    TargetStatus,
+)
 
 PER_DAY_WINDOW = 30
 ACTIVE_JOBS = [s.value for s in ACTIVE_JOB_STATUSES]
@@ -81,6 +91,79 @@ def overview(db_session: Session, *, now: datetime | None = None) -> Overview:
         active_jobs=[jobs.to_read(db_session, job) for job in active])
 
 
+# ---- evidence (the job and request pages) ---------------------------------------------------
+
+NO_PER_SAMPLE = "the report carries no per-sample test"
+
+
+@dataclass
+class Evidence:
+    """What backed a job's decision, read from its stored verification report: which evidence
+    (per-sample, population-only, none-needed), the outcome (unlearned, unchanged), what the
+    method did, and the per-request rows of the per-sample test with the figures they rest
+    on (``per_sample`` without its ``requests``)."""
+
+    evidence: str
+    outcome: str | None
+    method_steps: int | None
+    weights_changed: bool | None
+    rows: list[dict[str, Any]]
+    per_sample: dict[str, Any] | None
+    note: str | None
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def evidence_of(report: dict[str, Any] | None, *, request_id: str | None = None
+                ) -> Evidence | None:
+    """The evidence of a job's report, None before there is one. With ``request_id``, only
+    that request's own per-sample row: a batch mixes requests of several clients."""
+    if not isinstance(report, dict):
+        return None
+    summary, run = _mapping(report.get("summary")), _mapping(report.get("run"))
+    section = _mapping(report.get("per_sample"))
+    # A report written before the per-sample test (version 1) had only population figures;
+    # the certificates read it the same way.
+    evidence = report.get("evidence") or summary.get("evidence") or "population-only"
+    rows = [r for r in section.get("requests") or [] if isinstance(r, dict)]
+    if request_id is not None:
+        rows = [r for r in rows if r.get("request_id") == request_id]
+    note = report.get("per_sample_note")
+    if not section and not note and evidence != "none-needed":
+        note = NO_PER_SAMPLE
+    return Evidence(
+        evidence=evidence, outcome=report.get("outcome") or summary.get("outcome"),
+        method_steps=run.get("steps", summary.get("method_steps")),
+        weights_changed=run.get("weights_changed", summary.get("weights_changed")),
+        rows=rows, note=note,
+        per_sample={k: v for k, v in section.items() if k != "requests"} if section else None)
+
+
+@dataclass
+class JobPage:
+    job: JobRead
+    evidence: Evidence | None
+
+
+def job_page(db_session: Session, *, job_id: str, principal: Principal) -> JobPage:
+    job = jobs.get(db_session, job_id=job_id)
+    if job is None:
+        raise NotFound(f"Job {job_id!r} does not exist.")
+    read = jobs.to_read(db_session, job)
+    if principal.role == Role.requester and read.report:
+        # The dashboard signs in operator and auditor keys only; should that change, a
+        # requester still sees only its own client's request ids, as through the API.
+        read.report = registry.redact_report(db_session, read.report,
+                                             client_id=principal.client_id)
+        own = set(db_session.scalars(select(DeletionRequest.id).where(
+            DeletionRequest.id.in_(read.request_ids),
+            DeletionRequest.client_id == principal.client_id)))
+        read.request_ids = [rid for rid in read.request_ids if rid in own]
+    return JobPage(job=read, evidence=evidence_of(read.report))
+
+
 # ---- requests -------------------------------------------------------------------------------
 
 
@@ -100,12 +183,45 @@ def request_timeline(db_session: Session, request: DeletionRequest, job_ids: lis
             for e in audit.events_of(db_session, entities=entities)]
 
 
+@dataclass
+class TargetEvidence:
+    """One target's evidence: this request's own row of its job's report, and, once the
+    target is completed, the statement its certificate makes."""
+
+    model: str
+    job_id: str
+    evidence: Evidence
+    statement: str | None
+
+
+def request_evidence(db_session: Session, read: DeletionRequestRead) -> list[TargetEvidence]:
+    result = []
+    for target in read.targets:
+        job = jobs.get(db_session, job_id=target.job_id) if target.job_id else None
+        evidence = evidence_of(job.report, request_id=read.id) if job else None
+        if job is None or evidence is None:
+            continue
+        statement = (certificates.evidence_for(job.report, read.id)["statement"]
+                     if target.status == TargetStatus.completed else None)
+        result.append(TargetEvidence(model=target.model, job_id=job.id, evidence=evidence,
+                                     statement=statement))
+    return result
+
+
+@dataclass
+class RequestPage:
+    item: DeletionRequestRead
+    timeline: list[TimelineEntry]
+    evidence: list[TargetEvidence]
+
+
 def request_detail(db_session: Session, *, request_id: str, principal: Principal
-                   ) -> tuple[DeletionRequestRead, list[TimelineEntry]]:
+                   ) -> RequestPage:
     request = requests.get(db_session, request_id=request_id, principal=principal)
     read = requests.to_read(db_session, [request])[0]
     job_ids = sorted({t.job_id for t in read.targets if t.job_id})
-    return read, request_timeline(db_session, request, job_ids)
+    return RequestPage(item=read, timeline=request_timeline(db_session, request, job_ids),
+                       evidence=request_evidence(db_session, read))
 
 
 # ---- models ---------------------------------------------------------------------------------
@@ -141,6 +257,11 @@ class ModelPage:
     chart: dict[str, Any] = field(default_factory=dict)
     active_jobs: list[JobRead] = field(default_factory=list)
     recent_jobs: list[JobRead] = field(default_factory=list)
+    # The production version's evidence and outcome (from its report's summary).
+    production_scores: dict[str, Any] = field(default_factory=dict)
+    reference_sets: list[ReferenceSetRead] = field(default_factory=list)
+    references_active: bool = False
+    references_waiting: str | None = None  # why the model's requests wait, when they do
 
 
 def models_list(db_session: Session) -> list[ModelSummary]:
@@ -176,13 +297,19 @@ def model_page(db_session: Session, *, name: str) -> ModelPage:
         "statuses": [row.version.status for row in rows],
     }
     model_jobs = jobs.list_filtered(db_session, model_id=model.id, limit=10)
+    sets = references.to_read(db_session, references.list_sets(db_session, model_id=model.id))
     return ModelPage(
         model=model, dataset=dataset.name if dataset else "?",
         policy=registry.policy_of(model).model_dump(), production=production,
         erasure_floor=floor, versions=list(reversed(rows)), chart=chart,
         active_jobs=[jobs.to_read(db_session, j) for j in model_jobs
                      if j.status in ACTIVE_JOBS],
-        recent_jobs=[jobs.to_read(db_session, j) for j in model_jobs])
+        recent_jobs=[jobs.to_read(db_session, j) for j in model_jobs],
+        production_scores=registry.version_scores(production) if production else {},
+        reference_sets=sets,
+        references_active=any(s.status.value in references.ACTIVE for s in sets),
+        references_waiting=references.WAITING_REASON
+        if references.waiting_for_references(db_session, model=model) else None)
 
 
 # ---- audit ----------------------------------------------------------------------------------

@@ -63,12 +63,19 @@ def _percent(value: Any) -> str:
     return f"{100 * value:.1f} %"
 
 
+def _significant(value: Any, digits: int = 3) -> str:
+    """A p-value or other figure that may be tiny: significant digits, not decimals."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "—"
+    return f"{value:.{digits}g}"
+
+
 def _compact_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
 
 
 templates.env.filters.update(dt=_datetime, num=_number, pct=_percent, compact=_compact_json,
-                             deadline=service.deadline_class)
+                             sig=_significant, deadline=service.deadline_class)
 
 
 def render(request: Request, name: str, context: dict[str, Any], *, viewer: Any = None,
@@ -209,10 +216,11 @@ def requests_list(
 @router.get("/requests/{request_id}", response_class=HTMLResponse)
 def request_detail(request_id: str, request: Request, db_session: SessionDep, viewer: Viewer
                    ) -> HTMLResponse:
-    item, timeline = service.request_detail(db_session, request_id=request_id,
-                                            principal=viewer.principal)
+    page = service.request_detail(db_session, request_id=request_id,
+                                  principal=viewer.principal)
+    item = page.item
     return render(request, "request_detail.html", {
-        "nav": "requests", "item": item, "timeline": timeline,
+        "nav": "requests", "item": item, "timeline": page.timeline, "evidence": page.evidence,
         "certificate_api": f"/v1/deletion-requests/{item.id}/certificate",
     }, viewer=viewer, live=item.status.value in service.WORKING)
 
@@ -240,7 +248,7 @@ def model_detail(name: str, request: Request, db_session: SessionDep, viewer: Vi
                  ) -> HTMLResponse:
     page = service.model_page(db_session, name=name)
     return render(request, "model_detail.html", {"nav": "models", "page": page},
-                  viewer=viewer, live=bool(page.active_jobs))
+                  viewer=viewer, live=bool(page.active_jobs) or page.references_active)
 
 
 @router.post("/models/{name}/production")
@@ -285,12 +293,10 @@ def jobs_list(request: Request, db_session: SessionDep, viewer: Viewer,
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_detail(job_id: str, request: Request, db_session: SessionDep, viewer: Viewer
                ) -> HTMLResponse:
-    job = jobs.get(db_session, job_id=job_id)
-    if job is None:
-        raise NotFound(f"Job {job_id!r} does not exist.")
-    read = jobs.to_read(db_session, job)
-    return render(request, "job_detail.html", {"nav": "jobs", "job": read},
-                  viewer=viewer, live=read.status in service.ACTIVE_JOBS)
+    page = service.job_page(db_session, job_id=job_id, principal=viewer.principal)
+    return render(request, "job_detail.html", {"nav": "jobs", "job": page.job,
+                                               "evidence": page.evidence},
+                  viewer=viewer, live=page.job.status in service.ACTIVE_JOBS)
 
 
 @router.get("/audit", response_class=HTMLResponse)

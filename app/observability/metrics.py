@@ -4,9 +4,10 @@ Two kinds of figure, each gathered the way that stays correct with several proce
 
 * **State, read from the database at scrape time** (:class:`DatabaseCollector`): requests by
   status, overdue and due-soon requests, queue depth, jobs by status, finished jobs and their
-  durations, the production version's verification scores. The database is the one source of
-  truth every API worker and every worker host shares, so any process answering the scrape
-  gives the same, exact answer, and the worker needs to report nothing for these.
+  durations, the production version's verification scores, reference sets (by status, the
+  newest set's progress and the ready set's cost, models left waiting). The database is the
+  one source of truth every API worker and every worker host shares, so any process answering
+  the scrape gives the same, exact answer, and the worker needs to report nothing for these.
 * **Events only a process sees** (HTTP requests, predict latency): prometheus-client
   counters and histograms. With several uvicorn workers each is a separate process, so
   ``lethe serve --workers N`` sets ``PROMETHEUS_MULTIPROC_DIR`` and the scrape merges every
@@ -42,6 +43,8 @@ from app.jobs import service as jobs
 from app.jobs.models import ACTIVE_JOB_STATUSES
 from app.models_registry import service as registry
 from app.observability.multiprocess import MULTIPROC_ENV
+from app.references import service as references
+from app.references.models import ReferenceStatus
 from app.requests import service as requests
 
 log = logging.getLogger(__name__)
@@ -212,6 +215,38 @@ class DatabaseCollector(Collector):
         yield version_gauge
         yield passed
         yield from scores.values()
+        yield from self._references(db_session)
+
+    def _references(self, db_session: Session) -> Iterator[Metric]:
+        set_counts = references.count_by_status(db_session)
+        sets = GaugeMetricFamily("lethe_reference_sets", "Reference sets by status.",
+                                 labels=["status"])
+        for reference_status in ReferenceStatus:
+            sets.add_metric([reference_status.value], set_counts.get(reference_status.value, 0))
+        yield sets
+        completed = GaugeMetricFamily(
+            "lethe_reference_models_completed",
+            "Reference models trained and measured in the model's newest reference set.",
+            labels=["model"])
+        cost = GaugeMetricFamily(
+            "lethe_reference_seconds",
+            "Wall seconds of the reference models of the model's newest ready reference set.",
+            labels=["model"])
+        models = registry.list_all(db_session)
+        for model in models:
+            newest = references.list_sets(db_session, model_id=model.id, limit=1)
+            if newest:
+                completed.add_metric([model.name], newest[0].completed)
+            ready = references.ready_set(db_session, model_id=model.id)
+            if ready is not None:
+                cost.add_metric([model.name], math.fsum(ready.reference_seconds or []))
+        yield completed
+        yield cost
+        yield GaugeMetricFamily(
+            "lethe_models_without_references",
+            "Models whose policy requires reference statistics and that have no ready "
+            "reference set: their deletion requests wait.",
+            value=len(references.models_waiting(db_session, [m.id for m in models])))
 
 
 class _ProcessMetrics(Collector):

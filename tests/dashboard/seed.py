@@ -1,7 +1,9 @@
 """A world for the dashboard to show, written through the domain services exactly as the API
 and the worker write it: a dataset, two models, versions produced by jobs (published,
 superseded, rejected), requests in every state with spread-out deadlines, a running job with
-live progress, a failed one with its report, certificates and the audit trail."""
+live progress, a failed one with its report, certificates and the audit trail; reference sets
+built through the worker's side of the references service (one ready, one running, one
+failed), and a published version whose report carries the per-request test."""
 
 from __future__ import annotations
 
@@ -26,8 +28,11 @@ from app.jobs.models import UnlearningJob
 from app.models_registry import service as registry
 from app.models_registry.artifacts import ArtifactStore, StagedArtifact
 from app.models_registry.models import Model, Policy, VersionStatus
+from app.references import service as references
+from app.references.models import ReferenceSet
 from app.requests import service as requests
 from app.requests.models import ClassRequest, DeletionRequest, RequestStatus, SubjectRequest
+from unlearning.verification.per_sample import PerSampleEvidence, RequestEvidence
 
 MODEL = "fashion-cnn"
 APPROVAL_MODEL = "digits-mlp"
@@ -38,6 +43,7 @@ class Seeded:
     keys: dict[str, str] = field(default_factory=dict)  # role -> plain API key
     requests: dict[str, str] = field(default_factory=dict)  # label -> request id
     jobs: dict[str, str] = field(default_factory=dict)  # label -> job id
+    reference_sets: dict[str, int] = field(default_factory=dict)  # label -> set id
 
 
 def report(*, passed: bool, mia_accuracy: float, test_accuracy: float,
@@ -57,6 +63,68 @@ def report(*, passed: bool, mia_accuracy: float, test_accuracy: float,
             "utility": {"test_accuracy": test_accuracy,
                         "base_test_accuracy": base_test_accuracy},
             "summary": summary}
+
+
+# The reference sets below: 8 models, each storing its OUT half of the live training samples
+# and every holdout sample; model i's wall seconds are REFERENCE_SECONDS + i / 2.
+REFERENCES, REFERENCE_SECONDS = 8, 30.0
+
+
+def evidence_report(*, mia_accuracy: float, test_accuracy: float, request_id: str,
+                    reference_set: int | None) -> dict[str, Any]:
+    """A passing report of the current shape (unlearning/verification/report.py: to_dict):
+    evidence, outcome and the method's run; per-sample figures for ``request_id`` when the
+    job read ``reference_set``, else population-only with the note saying why."""
+    body = report(passed=True, mia_accuracy=mia_accuracy, test_accuracy=test_accuracy)
+    run = {"method": "match", "escalation_level": 0, "steps": 100, "seconds": 12.5,
+           "parent_tensor_sha256": "a" * 64, "tensor_sha256": "b" * 64,
+           "weights_changed": True}
+    per_sample = None if reference_set is None else PerSampleEvidence(
+        requests=[RequestEvidence(request_id=request_id, n=4, n_testable=3, mean_score=0.21,
+                                  p_value=0.41, flagged=False, mean_score_before=2.37,
+                                  p_before=0.0012, flagged_before=True,
+                                  detectable_shift=1.37)],
+        references=4, reference_models=4, alpha=0.05, spread="pooled", pooled_spread=0.93,
+        n_null=20, reference_set=reference_set).to_dict()
+    evidence = "per-sample" if per_sample else "population-only"
+    body.update(version=2, evidence=evidence, outcome="unlearned", run=run,
+                per_sample=per_sample, per_sample_note=None if per_sample else
+                "the model had no ready reference set when the job ran")
+    body["summary"].update(evidence=evidence, outcome="unlearned", method_steps=100,
+                           weights_changed=True)
+    if per_sample:
+        body["summary"].update(per_sample_requests=1, per_sample_flagged=0,
+                               per_sample_flagged_before=1, per_sample_not_testable=1)
+    return body
+
+
+def _reference_set(db_session: Session, model: Model, *, stored: int, finish: bool,
+                   worker: str) -> ReferenceSet:
+    """A set asked for and built the way the worker builds one (claim, one stored model at a
+    time, then ready), or left running after ``stored`` models."""
+    reference_set, created = references.request_build(db_session, model=model,
+                                                       actor="key:seed", references=REFERENCES)
+    assert created
+    live = list(db_session.scalars(select(Sample).where(
+        Sample.dataset_id == model.dataset_id, Sample.forgotten_at.is_(None))
+        .order_by(Sample.id)))
+    train = [sample for sample in live if sample.split == "train"]
+    holdout = [sample for sample in live if sample.split == "holdout"]
+    claimed = references.claim(db_session, set_id=reference_set.id, worker_host=worker,
+                               heartbeat_timeout=600, n_train=len(train),
+                               n_holdout=len(holdout))
+    assert claimed is not None
+    for index in range(stored):
+        out = [sample for position, sample in enumerate(train) if (position + index) % 2]
+        references.store_reference(
+            db_session, set_id=reference_set.id, index=index,
+            rows=[(sample.id, -1.0 + 0.01 * n) for n, sample in enumerate(out + holdout)],
+            seconds=REFERENCE_SECONDS + index / 2)
+    if finish:
+        return references.finish(db_session, set_id=reference_set.id)
+    references.set_phase(db_session, set_id=reference_set.id,
+                         phase=f"reference {stored + 1}/{REFERENCES}: train")
+    return reference_set
 
 
 def _staged(store: ArtifactStore) -> StagedArtifact:
@@ -155,16 +223,24 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
                   reason="verification failed: " + "; ".join(bad["reasons"]))
         seeded.requests["failed"], seeded.jobs["failed"] = failed.id, job.id
 
-        # Two jobs that pass and publish versions 3 and 4, with certificates.
+        # Two jobs that pass and publish versions 3 and 4, with certificates: the first with
+        # population-only evidence, the second with the per-request test, as a reference set
+        # became ready between them.
         for label, subject, mia, test in (("completed", "customer-1", 0.53, 0.908),
                                           ("completed-2", "customer-2", 0.51, 0.906)):
+            ready = None
+            if label == "completed-2":
+                ready = _reference_set(db_session, fashion, stored=REFERENCES, finish=True,
+                                       worker="gpu-worker-1:4242")
+                seeded.reference_sets["ready"] = ready.id
             done = _submit(db_session, acme if label == "completed" else globex, secret_key,
                            SubjectRequest(kind="subject", subject_ref=subject, model=MODEL))
             job = _next_job(db_session)
             jobs.report_progress(db_session, job_id=job.id, phase="match: epoch 5/5", step=100,
                                  total=100, metrics={"loss": 0.35})
             jobs.begin_verification(db_session, job)
-            good = report(passed=True, mia_accuracy=mia, test_accuracy=test)
+            good = evidence_report(mia_accuracy=mia, test_accuracy=test, request_id=done.id,
+                                   reference_set=ready.id if ready else None)
             jobs.publish(db_session, job_id=job.id, staged=_staged(store), store=store,
                          signer=signer, report=good, metrics=good["summary"],
                          forgotten=_forgotten(db_session, job.id))
@@ -208,6 +284,20 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
                        SubjectRequest(kind="subject", subject_ref="customer-10",
                                       model=APPROVAL_MODEL))
         seeded.requests["awaiting_approval"] = held.id
+
+        # A newer reference set being built for fashion-cnn (3 of 8 models stored), and one
+        # that failed for digits-mlp, whose policy then requires references: it has none.
+        seeded.reference_sets["running"] = _reference_set(
+            db_session, fashion, stored=3, finish=False, worker="gpu-worker-2:4343").id
+        digits = registry.get(db_session, name=APPROVAL_MODEL)
+        failing = _reference_set(db_session, digits, stored=1, finish=False,
+                                 worker="gpu-worker-2:4343")
+        references.fail(db_session, set_id=failing.id,
+                        reason="reference 2/8: CUDA out of memory")
+        seeded.reference_sets["failed"] = failing.id
+        digits.policy = Policy.model_validate({**digits.policy, "verification": {
+            **digits.policy["verification"], "require_references": True}}).model_dump(
+            mode="json")
 
         # Spread the finished requests' intake over the last weeks for the per-day chart.
         for index, label in enumerate(("failed", "completed", "completed-2", "no_data",

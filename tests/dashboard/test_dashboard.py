@@ -13,9 +13,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from app.auth import service as keys
+from app.auth.models import Role
+from app.auth.service import Principal
 from app.certificates import signing
 from app.core.db import session_scope
-from app.dashboard.service import deadline_class
+from app.dashboard import service
+from app.dashboard.service import NO_PER_SAMPLE, deadline_class
+from app.references.service import WAITING_REASON
+from app.requests import service as requests_service
+from app.requests.models import DeletionRequest
 from tests.dashboard.conftest import World, csrf_of, login_token, sign_in
 
 PAGES = ["/dashboard", "/dashboard/requests", "/dashboard/models",
@@ -215,6 +221,126 @@ def test_model_page_charts_verification_per_version(auditor: TestClient) -> None
     # Missing figures render as a dash, not as "None".
     assert versions["5"].count("—") >= 4 and "None" not in html
     assert 'id="rollback-form"' not in html  # auditors look; operators act
+
+
+def fields_of(row: str) -> dict[str, str]:
+    """A table row's cells marked data-field, their text without tags."""
+    return {name: re.sub(r"<[^>]+>", "", cell).strip()
+            for name, cell in re.findall(r'data-field="([a-z-]+)">(.*?)</td>', row, flags=re.S)}
+
+
+def test_model_page_lists_reference_sets_with_their_state_and_cost(auditor: TestClient,
+                                                                   world: World) -> None:
+    html = auditor.get("/dashboard/models/fashion-cnn").text
+    assert re.search(r'id="production-evidence"><span class="badge s-per-sample">per-sample'
+                     r'</span> · <span class="badge s-unlearned">unlearned<', html)
+    sets = {re.search(r'data-set="(\d+)"', row).group(1): row  # type: ignore[union-attr]
+            for row in rows_of(html, "reference-table") if "data-set" in row}
+    ids = world.seeded.reference_sets
+    assert list(sets) == [str(ids["running"]), str(ids["ready"])]  # newest first
+    running, ready = sets[str(ids["running"])], sets[str(ids["ready"])]
+    # 3 of 8 models stored, each with its OUT half of the 56 live training samples and the
+    # 20 holdout samples (28 + 20); wall seconds 30 + 30.5 + 31.
+    assert fields_of(running) == {"completed": "3 / 8", "statistics": "144", "cost": "91.5 s"}
+    assert "reference 4/8: train" in running and "gpu-worker-2:4343" in running
+    assert running.count("—") == 1  # not finished
+    # 8 models over 60 live training samples (30 + 20 each: 400), less the 16 values of the
+    # 4 samples v4 erased; 30 + 30.5 + ... + 33.5 seconds.
+    assert fields_of(ready) == {"completed": "8 / 8", "statistics": "384", "cost": "254.0 s"}
+    assert 's-ready">ready<' in ready and "gpu-worker-1:4242" in ready
+    assert "reference 8/8" not in ready and "—" in ready  # no phase once ready
+    assert 'id="references-waiting"' not in html  # its policy does not wait
+    digits = auditor.get("/dashboard/models/digits-mlp").text
+    rows = rows_of(digits, "reference-table")
+    assert len(rows) == 2 and 's-failed">failed<' in rows[0]
+    assert fields_of(rows[0]) == {"completed": "0 / 8", "statistics": "0", "cost": "0.0 s"}
+    assert 'class="failure">reference 2/8: CUDA out of memory<' in rows[1]
+    assert f'id="references-waiting">{WAITING_REASON}<' in digits
+    assert 'id="production-evidence">— · —<' in digits  # v1 was uploaded, never verified
+
+
+def test_job_page_has_a_per_request_evidence_table(auditor: TestClient, world: World) -> None:
+    seeded = world.seeded
+    html = auditor.get(f"/dashboard/jobs/{seeded.jobs['completed-2']}").text
+    assert 'id="evidence-kind"><span class="badge s-per-sample">' in html
+    assert 'id="evidence-outcome"><span class="badge s-unlearned">' in html
+    assert re.search(r'id="evidence-run">100 steps ·\s*weights changed<', html)
+    assert f"reference set #{seeded.reference_sets['ready']} · alpha 0.05" in html
+    rows = rows_of(html, "per-request-evidence")
+    assert len(rows) == 1 and f'data-request="{seeded.requests["completed-2"]}"' in rows[0]
+    assert fields_of(rows[0]) == {"testable": "3 / 4", "p-before": "0.0012 flagged",
+                                  "p-after": "0.41", "flagged": "no", "shift": "1.37 σ"}
+    assert 'id="per-sample-note"' not in html
+    # No reference set was ready when this one ran: the note says so, and no table.
+    population = auditor.get(f"/dashboard/jobs/{seeded.jobs['completed']}").text
+    assert 'id="per-request-evidence"' not in population
+    assert ('id="per-sample-note"><strong>population-only</strong>: the model had no ready '
+            'reference set when the job ran<') in population
+    assert 'id="evidence-outcome"><span class="badge s-unlearned">' in population
+    # A report written before the per-sample test: population-only, nothing claimed.
+    legacy = auditor.get(f"/dashboard/jobs/{seeded.jobs['failed']}").text
+    assert f"<strong>population-only</strong>: {NO_PER_SAMPLE}<" in legacy
+    assert 'id="evidence-outcome">—<' in legacy and "steps —" in legacy
+    # A job with no report yet has no evidence section.
+    assert 'id="job-evidence"' not in auditor.get(
+        f"/dashboard/jobs/{seeded.jobs['running']}").text
+
+
+def test_request_page_shows_its_own_evidence_and_why_it_waits(auditor: TestClient,
+                                                               world: World) -> None:
+    seeded = world.seeded
+    html = auditor.get(f"/dashboard/requests/{seeded.requests['completed-2']}").text
+    rows = rows_of(html, "request-evidence-table")
+    assert len(rows) == 2 and 'data-model="fashion-cnn"' in rows[0]
+    assert 's-per-sample">per-sample<' in rows[0] and 's-unlearned">unlearned<' in rows[0]
+    assert fields_of(rows[0]) == {"testable": "3 / 4", "p-before": "0.0012 flagged",
+                                  "p-after": "0.41", "flagged": "no", "shift": "1.37 σ"}
+    # The certificate's own statement, for a completed target.
+    assert "membership p-value 0.0012 on the version before and 0.41 on this one" in rows[1]
+    population = auditor.get(f"/dashboard/requests/{seeded.requests['completed']}").text
+    rows = rows_of(population, "request-evidence-table")
+    assert 's-population-only">population-only<' in rows[0] and "data-field" not in rows[0]
+    assert "the model had no ready reference set when the job ran" in rows[0]
+    assert "Population-only evidence" in rows[1]
+    # No job has carried a queued request yet: no evidence section.
+    assert 'id="request-evidence"' not in auditor.get(
+        f"/dashboard/requests/{seeded.requests['queued']}").text
+
+    # digits-mlp requires references and has none ready: once approved, its request waits.
+    held = f"/dashboard/requests/{seeded.requests['awaiting_approval']}"
+    assert "data-waiting" not in auditor.get(held).text
+    with session_scope(world.app.state.sessionmaker) as db_session:
+        request = db_session.get(DeletionRequest, seeded.requests["awaiting_approval"])
+        assert request is not None
+        requests_service.approve(db_session, request=request, actor="key:test")
+    assert f'data-waiting="digits-mlp">{WAITING_REASON}<' in auditor.get(held).text
+
+
+def test_evidence_keeps_to_its_own_request_and_client(world: World) -> None:
+    report = {"evidence": "per-sample", "outcome": "unchanged",
+              "run": {"steps": 0, "weights_changed": False},
+              "per_sample": {"alpha": 0.05, "requests": [
+                  {"request_id": "mine", "n": 2, "n_testable": 2},
+                  {"request_id": "someone-else", "n": 5, "n_testable": 5}]}}
+    mine = service.evidence_of(report, request_id="mine")
+    assert mine is not None and [r["request_id"] for r in mine.rows] == ["mine"]
+    assert (mine.outcome, mine.method_steps, mine.weights_changed) == ("unchanged", 0, False)
+    assert mine.per_sample == {"alpha": 0.05} and mine.note is None
+    every = service.evidence_of(report)
+    assert every is not None and len(every.rows) == 2
+    assert service.evidence_of(None) is None
+    # Should a requester ever reach a job page, it sees no other client's request ids.
+    job_id, theirs = world.seeded.jobs["completed-2"], world.seeded.requests["completed-2"]
+    with session_scope(world.app.state.sessionmaker) as db_session:
+        for client, expected in (("acme-bank", []), ("globex", [theirs])):
+            page = service.job_page(db_session, job_id=job_id, principal=Principal(
+                key_id="k", role=Role.requester, client_id=client))
+            assert page.evidence is not None
+            assert [r["request_id"] for r in page.evidence.rows] == expected, client
+            assert page.job.request_ids == expected, client
+        auditor_view = service.job_page(db_session, job_id=job_id, principal=Principal(
+            key_id="k", role=Role.auditor, client_id="compliance"))
+        assert auditor_view.job.request_ids == [theirs]
 
 
 def test_rollback_is_refused_exactly_where_the_api_refuses_it(operator: TestClient) -> None:

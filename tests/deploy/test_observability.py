@@ -23,12 +23,14 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.core.config import Settings
-from app.core.db import make_engine, make_sessionmaker
+from app.core.db import make_engine, make_sessionmaker, session_scope
 from app.main import create_app
+from app.models_registry import service as registry
 from app.observability import metrics
 from app.observability.logs import make_handler
 from app.observability.middleware import ObservabilityMiddleware
 from app.observability.request_id import get_request_id, request_id_context
+from app.references import service as references
 from tests.conftest import REDIS_URL, service_unavailable
 from tests.dashboard.conftest import make_world
 
@@ -77,7 +79,47 @@ def test_metrics_report_the_domain_state_from_the_database(database_url: str,
     assert value(scrape, "lethe_model_test_accuracy", model="fashion-cnn") == 0.906
     assert value(scrape, "lethe_model_verification_passed", model="fashion-cnn") == 1
     assert ("lethe_model_mia_accuracy", frozenset({("model", "digits-mlp")})) not in scrape
+    # Reference sets: fashion-cnn's ready one (8 models, 30 + 30.5 + ... + 33.5 s) and a newer
+    # one running with 3 models stored; digits-mlp's failed, and its policy requires one.
+    for status, count in (("queued", 0), ("running", 1), ("ready", 1), ("failed", 1),
+                          ("superseded", 0)):
+        assert value(scrape, "lethe_reference_sets", status=status) == count, status
+    assert value(scrape, "lethe_reference_models_completed", model="fashion-cnn") == 3
+    assert value(scrape, "lethe_reference_models_completed", model="digits-mlp") == 0
+    assert value(scrape, "lethe_reference_seconds", model="fashion-cnn") == 254.0
+    assert ("lethe_reference_seconds", frozenset({("model", "digits-mlp")})) not in scrape
+    assert value(scrape, "lethe_models_without_references") == 1
     assert value(scrape, "lethe_metrics_database_up") == 1
+
+
+def test_reference_metrics_follow_a_set_becoming_ready(database_url: str, tmp_path: Path
+                                                       ) -> None:
+    world = make_world(database_url, tmp_path / "data")
+    try:
+        with session_scope(world.app.state.sessionmaker) as db_session:
+            references.finish(db_session, set_id=world.seeded.reference_sets["running"])
+            digits = registry.get(db_session, name="digits-mlp")
+            queued, _ = references.request_build(db_session, model=digits, actor="key:test")
+        with TestClient(world.app) as client:
+            waiting = samples(client.get("/metrics").text)
+            with session_scope(world.app.state.sessionmaker) as db_session:
+                references.finish(db_session, set_id=queued.id)
+            ready = samples(client.get("/metrics").text)
+    finally:
+        world.app.state.engine.dispose()
+    # The running set is ready now, the older one superseded: the cost is the new set's
+    # (30 + 30.5 + 31 s); digits-mlp's new set is queued with no model yet: it still waits.
+    for status, count in (("queued", 1), ("running", 0), ("ready", 1), ("failed", 1),
+                          ("superseded", 1)):
+        assert value(waiting, "lethe_reference_sets", status=status) == count, status
+    assert value(waiting, "lethe_reference_seconds", model="fashion-cnn") == 91.5
+    assert value(waiting, "lethe_reference_models_completed", model="fashion-cnn") == 3
+    assert ("lethe_reference_seconds", frozenset({("model", "digits-mlp")})) not in waiting
+    assert value(waiting, "lethe_models_without_references") == 1
+    # Once digits-mlp has a ready set, no model waits.
+    assert value(ready, "lethe_reference_sets", status="ready") == 2
+    assert value(ready, "lethe_reference_seconds", model="digits-mlp") == 0
+    assert value(ready, "lethe_models_without_references") == 0
 
 
 def test_a_scrape_still_answers_when_the_database_is_down(tmp_path: Path) -> None:
