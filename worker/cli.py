@@ -124,11 +124,14 @@ def up(host: str, port: int) -> None:
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--subjects", default=12, show_default=True,
               help="How many data subjects ask to be forgotten.")
-def demo(data_dir: Path, port: int, subjects: int) -> None:
-    """Request -> unlearn -> verify -> publish -> certificate, on real data, narrated."""
+@click.option("--seed", type=int, default=None,
+              help="Seed for choosing the subjects at random (default: a fresh draw).")
+def demo(data_dir: Path, port: int, subjects: int, seed: int | None) -> None:
+    """Request -> references -> unlearn -> verify -> publish -> certificate, on real data,
+    narrated."""
     from worker.demo import run_demo
 
-    raise SystemExit(run_demo(data_dir, port=port, subjects=subjects))
+    raise SystemExit(run_demo(data_dir, port=port, subjects=subjects, seed=seed))
 
 
 def start_services(host: str, port: int, *, log_dir: str | None = None

@@ -22,13 +22,19 @@ from app.auth import service as keys
 from app.auth.models import Role
 from app.core.db import make_engine, make_sessionmaker, session_scope
 from tests.conftest import REDIS_URL, service_unavailable
-from tests.worker.conftest import FAST_POLICY, MODEL
+from tests.worker.conftest import FAST_POLICY, MODEL, ORIGINAL_RECIPE
 from tests.worker.services import REPO, Services
 from worker.world import World, register_world, subjects_in
 
 pytestmark = pytest.mark.slow
 URL = "/v1/deletion-requests"
 POLICY: dict[str, Any] = {**FAST_POLICY, "batching": {"max_batch": 50, "max_wait_seconds": 2}}
+# On PostgreSQL and Redis the whole path runs with per-sample evidence: the upload queues a
+# reference job, beat hands it to the worker, the requests wait for it, the gate reads it.
+# Short reference trainings keep it quick; the statistics are real all the same.
+REFERENCE_POLICY: dict[str, Any] = {
+    **POLICY, "verification": {"references": 8},
+    "training_recipe": ORIGINAL_RECIPE.with_(epochs=6).to_dict()}
 FAST_TICKS = {"LETHE_BATCH_INTERVAL_SECONDS": "1", "LETHE_SWEEP_INTERVAL_SECONDS": "2",
               "LETHE_HEARTBEAT_SECONDS": "1", "LETHE_HEARTBEAT_TIMEOUT_SECONDS": "8",
               "LETHE_DEVICE": "cpu", "LETHE_SECRET_KEY": "e2e-secret"}
@@ -45,8 +51,9 @@ def make_keys(database_url: str) -> dict[str, dict[str, str]]:
     return headers
 
 
-def register(api: httpx.Client, operator: dict[str, str], world: World, store: Path) -> None:
-    register_world(api, operator, world, store, dataset="fashion", model=MODEL, policy=POLICY)
+def register(api: httpx.Client, operator: dict[str, str], world: World, store: Path,
+             policy: dict[str, Any] = POLICY) -> None:
+    register_world(api, operator, world, store, dataset="fashion", model=MODEL, policy=policy)
 
 
 def copy_store(world: World, data_dir: Path) -> Path:
@@ -74,18 +81,20 @@ def all_completed(api: httpx.Client, headers: dict[str, str], ids: list[str]) ->
 
 
 def check_outcome(api: httpx.Client, services: Services, headers: dict[str, dict[str, str]],
-                  ids: list[str], tmp_path: Path) -> None:
-    """Completed at version 2, served as version 2, and a certificate that verifies offline
-    with the published public key (and fails once tampered with)."""
+                  ids: list[str], tmp_path: Path, *, evidence: str = "population-only") -> None:
+    """Completed at the one published version (2, or later if the gate refused a candidate
+    first), served as that version, and a certificate that verifies offline with the
+    published public key (and fails once tampered with), stating its evidence."""
     requester = headers["requester"]
-    for request_id in ids:
-        body = api.get(f"{URL}/{request_id}", headers=requester).json()
-        assert body["targets"][0]["version"] == 2
+    published = {body["targets"][0]["version"] for body in (
+        api.get(f"{URL}/{request_id}", headers=requester).json() for request_id in ids)}
+    assert len(published) == 1 and published.pop() >= 2
+    number = api.get(f"{URL}/{ids[0]}", headers=requester).json()["targets"][0]["version"]
     image = [[[0.5] * 28] * 28]
     served = services.wait_until(
         lambda: api.post(f"/v1/models/{MODEL}/predict", json={"inputs": image},
-                         headers=requester).json().get("model_version") == 2,
-        timeout=10, what="predict to serve version 2")
+                         headers=requester).json().get("model_version") == number,
+        timeout=10, what=f"predict to serve version {number}")
     assert served
     certificate = tmp_path / "certificate.json"
     certificate.write_text(api.get(f"{URL}/{ids[0]}/certificate", headers=requester).text)
@@ -95,6 +104,7 @@ def check_outcome(api: httpx.Client, services: Services, headers: dict[str, dict
               "--public-key", str(public_key)]
     result = subprocess.run(verify, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0 and result.stdout.startswith("VALID"), result.stdout
+    assert f"evidence: {evidence}" in result.stdout, result.stdout
     tampered = json.loads(certificate.read_text())
     tampered["certificate"]["models"][0]["weights_sha256"] = "0" * 64
     certificate.write_text(json.dumps(tampered))
@@ -124,11 +134,14 @@ def test_request_to_certificate_on_postgres_and_redis(
         services.start("beat", "beat")
         headers = make_keys(postgres_redis["LETHE_DATABASE_URL"])
         with httpx.Client(base_url=services.base_url, timeout=60) as api:
-            register(api, headers["operator"], world, store)
+            register(api, headers["operator"], world, store, REFERENCE_POLICY)
             ids = submit(api, headers["requester"], subjects_in(store, 12))
             services.wait_until(lambda: all_completed(api, headers["requester"], ids),
                                 timeout=600, what="the requests to complete", every=2)
-            check_outcome(api, services, headers, ids, tmp_path)
+            [reference] = api.get(f"/v1/models/{MODEL}/references",
+                                  headers=headers["operator"]).json()["items"]
+            assert reference["status"] == "ready" and reference["completed"] == 8
+            check_outcome(api, services, headers, ids, tmp_path, evidence="per-sample")
     finally:
         services.stop_all()
 
