@@ -59,7 +59,9 @@ def build(ctx: WorkerContext, set_id: int) -> str:
     def store(output: ReferenceOutput) -> None:
         rows = [(train_ids[p], float(v)) for p, v in zip(output.out_positions.tolist(),
                                                           output.out_phi.tolist(), strict=True)]
-        rows += [(holdout_ids[i], float(v)) for i, v in enumerate(output.holdout_phi.tolist())]
+        rows += [(holdout_ids[p], float(v)) for p, v in zip(output.holdout_positions.tolist(),
+                                                             output.holdout_phi.tolist(),
+                                                             strict=True)]
         rows = [(sample_id, v) for sample_id, v in rows if np.isfinite(v)]
         with ctx.session() as db_session:
             references.store_reference(db_session, set_id=set_id, index=output.index, rows=rows,

@@ -49,8 +49,9 @@ class ReferenceWorld:
 def build(world: World, cache_dir: Path) -> ReferenceWorld:
     data = world.data
     train = SampleSet.concat(data.forget, data.retain)
+    layout = "forget first; holdout split per pair"
     key = hashlib.sha256(json.dumps({**data.cache_key, "recipe": world.recipe.to_dict(),
-                                     "k": K, "seed": SEED, "layout": "forget-first"},
+                                     "k": K, "seed": SEED, "layout": layout},
                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir / f"references-{key}.npz"
     if path.exists():

@@ -37,8 +37,12 @@ ALPHA = 0.05
 
 
 def test_reference_plan_puts_every_sample_out_twice_per_half_and_halves_never_mix() -> None:
-    plan = ReferencePlan(k=8, n_train=101, seed=3)
+    plan = ReferencePlan(k=8, n_train=101, seed=3, n_holdout=51)
     trains = np.stack([plan.trains_on(i) for i in range(8)])
+    keeps = np.stack([plan.keeps_holdout(i) for i in range(8)])
+    # the holdout is split per pair like the training set: OUT in exactly one model per pair
+    assert (keeps[0::2] ^ keeps[1::2]).all() and (np.sum(keeps[:4], axis=0) == 2).all()
+    assert not np.array_equal(keeps[0], keeps[2])
     assert np.array_equal(trains, np.stack([ReferencePlan(8, 101, 3).trains_on(i)
                                             for i in range(8)]))  # a restart trains the same
     assert (np.sum(~trains[:4], axis=0) == 2).all() and (np.sum(~trains[4:], axis=0) == 2).all()
@@ -97,7 +101,7 @@ def test_flags_the_original_for_memorised_subjects_and_passes_their_retrain(
     subjects = [f"subject-{i // 5}" for i in range(30)]
     unchanged = _evidence(reference_world, reference_world.world.original, positions, subjects)
     assert unchanged.n_flagged == 6, unchanged
-    assert all(r.p_value is not None and r.p_value < 0.01 for r in unchanged.requests)
+    assert all(r.p_value is not None and r.p_value < ALPHA for r in unchanged.requests)
     assert all(r.n == 5 and r.n_testable == 5 for r in unchanged.requests)
     assert unchanged.references == 2 and unchanged.reference_models == 4
     assert all(r.detectable_shift is not None and 0 < r.detectable_shift < 3

@@ -96,8 +96,9 @@ def test_reference_job_gates_requests_and_backs_certificates(
     assert ready["status"] == "ready" and ready["completed"] == 8 and ready["attempt"] == 2
     assert len(ready["reference_seconds"]) == 8 and ready["cost_seconds"] > 0
     n_train, n_holdout = ready["n_train"], ready["n_holdout"]
-    # each model keeps its OUT half of the training set; one model per pair keeps the holdout
-    assert ready["statistics"] == 8 * (n_train // 2) + 4 * (n_train % 2) + 4 * n_holdout
+    # each pair keeps every training sample once (from the model that left it out) and splits
+    # the holdout between its two models the same way
+    assert ready["statistics"] == 4 * (n_train + n_holdout)
     assert not list((deployment.settings.data_dir).rglob("*reference*"))  # no weights kept
 
     # Now the batch runs, and the gate reads the references.

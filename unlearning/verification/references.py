@@ -9,9 +9,14 @@ unlearning method that wants references only ever gets the other one, so the tes
 method was never fitted to by it. ``k`` is a multiple of 4 so that each half holds whole
 pairs, and at least 8 so that each sample has 2 OUT values per half (the fewest a test reads).
 
-Holdout samples are OUT in every model; only the first model of each pair keeps them, so a
-holdout sample has as many OUT values per half as a training sample, and its score under a
-candidate has the same spread: that is what lets holdout samples serve as the test's null.
+Holdout samples are OUT in every model, but each pair keeps them the way it leaves training
+samples out: split at random between its two models. A holdout sample thus has as many OUT
+values per half as a training sample, drawn from the same random mix of models, so its score
+under a candidate has the same distribution as an unseen training sample's: that is what lets
+holdout samples serve as the test's null. (Keeping the holdout from the first model of each
+pair only, as a first version did, biased the null by half the difference between the two
+models' mean confidence, and the test's power swung with which models formed the gate half:
+benchmarks/gate_power.py.)
 
 A reference model has trained on data subjects' samples, so its weights never leave
 :func:`train_references`: each is measured and dropped before the next one is trained.
@@ -67,31 +72,37 @@ class ReferencePlan:
     k: int
     n_train: int
     seed: int
+    n_holdout: int = 0
 
     def __post_init__(self) -> None:
         check_reference_count(self.k)
 
-    def trains_on(self, index: int) -> np.ndarray:
-        """Boolean mask over training positions: True where reference ``index`` trains."""
+    def _half(self, index: int, n: int, stream: int) -> np.ndarray:
         pair, side = divmod(index, 2)
-        order = np.random.default_rng([self.seed, pair]).permutation(self.n_train)
-        mask = np.zeros(self.n_train, dtype=bool)
-        first = order[: self.n_train // 2]
-        mask[first] = True
+        order = np.random.default_rng([self.seed, pair, stream]).permutation(n)
+        mask = np.zeros(n, dtype=bool)
+        mask[order[: n // 2]] = True
         return mask if side == 0 else ~mask
 
-    def keeps_holdout(self, index: int) -> bool:
-        return index % 2 == 0
+    def trains_on(self, index: int) -> np.ndarray:
+        """Boolean mask over training positions: True where reference ``index`` trains."""
+        return self._half(index, self.n_train, 0)
+
+    def keeps_holdout(self, index: int) -> np.ndarray:
+        """Boolean mask over holdout positions: the half whose values reference ``index``
+        keeps (the pair's other model keeps the rest)."""
+        return self._half(index, self.n_holdout, 1)
 
 
 @dataclass
 class ReferenceOutput:
     """What one reference model leaves behind: its statistic on the training samples it did
-    not train on (positions and values) and on the holdout (empty when it keeps none)."""
+    not train on and on its share of the holdout (positions and values of each)."""
 
     index: int
     out_positions: np.ndarray
     out_phi: np.ndarray
+    holdout_positions: np.ndarray
     holdout_phi: np.ndarray
     seconds: float
 
@@ -99,8 +110,8 @@ class ReferenceOutput:
 @dataclass
 class ReferenceStatistics:
     """OUT statistics of one reference set: ``train_phi [k, n_train]`` and
-    ``holdout_phi [k, n_holdout]``, NaN where a model trained on the sample (or keeps no
-    holdout values)."""
+    ``holdout_phi [k, n_holdout]``, NaN where a model trained on the sample (or left the
+    holdout sample to the other model of its pair)."""
 
     train_phi: np.ndarray
     holdout_phi: np.ndarray
@@ -129,8 +140,7 @@ class ReferenceStatistics:
         holdout_phi = np.full((k, n_holdout), np.nan)
         for output in outputs:
             train_phi[output.index, output.out_positions] = output.out_phi
-            if len(output.holdout_phi):
-                holdout_phi[output.index] = output.holdout_phi
+            holdout_phi[output.index, output.holdout_positions] = output.holdout_phi
         return cls(train_phi, holdout_phi)
 
 
@@ -143,7 +153,7 @@ def train_references(
     """Train the plan's ``k`` reference models one by one (indices in ``skip`` were done by
     an earlier delivery), measure each on what it did not train on, hand the result to
     ``on_reference`` (which stores it) and drop the model. Returns the new outputs."""
-    plan = ReferencePlan(k=k, n_train=len(train_set), seed=seed)
+    plan = ReferencePlan(k=k, n_train=len(train_set), seed=seed, n_holdout=len(holdout))
     outputs = []
     for index in range(k):
         if skip and index in skip:
@@ -155,11 +165,13 @@ def train_references(
               device=device, seed=seed * 1000 + index,
               progress=_offset(progress, index, k), cancel=cancel)
         out_positions = np.flatnonzero(~mask)
+        holdout_positions = np.flatnonzero(plan.keeps_holdout(index))
         output = ReferenceOutput(
             index=index, out_positions=out_positions,
             out_phi=sample_phi(model, train_set.subset(torch.from_numpy(out_positions)), device),
-            holdout_phi=(sample_phi(model, holdout, device) if plan.keeps_holdout(index)
-                         else np.empty(0)),
+            holdout_positions=holdout_positions,
+            holdout_phi=sample_phi(model, holdout.subset(torch.from_numpy(holdout_positions)),
+                                   device),
             seconds=time.perf_counter() - started)
         del model  # a reference model's weights hold training subjects' data: never kept
         if on_reference is not None:
