@@ -102,7 +102,9 @@ class VerificationPolicy(BaseModel):
                     "across a batch's requests.")
     references: int = Field(
         default=8, description="Reference models per reference set: a multiple of 4 from 8 "
-                               "to 16 (half for the gate, half for the method).")
+                               "to 16 (half for the gate, half for the method). 8 costs about "
+                               "4 trainings of the original; 16 doubled that without "
+                               "measurably more power (benchmarks/results/gate-power-*).")
     require_references: bool = Field(
         default=True, description="Keep requests queued until the served version has "
                                   "reference statistics (per-sample evidence).")
