@@ -234,11 +234,15 @@ def references_build(model: str, k: int | None, now: bool) -> None:
 @click.argument("model")
 def references_status(model: str) -> None:
     """MODEL's reference sets, newest first: state, progress and cost."""
+    from app.core.errors import Problem
     from app.models_registry import service as registry
     from app.references import service
 
     with _session() as db_session:
-        found = registry.get(db_session, name=model)
+        try:
+            found = registry.get(db_session, name=model)
+        except Problem as problem:
+            raise click.ClickException(problem.detail) from None
         rows = service.to_read(db_session, service.list_sets(db_session, model_id=found.id))
     if not rows:
         click.echo(f"{model}: no reference sets")

@@ -176,5 +176,7 @@ def test_references_cli_reports_state(referenced: Deployment,
         assert "queued, 0/8 models" in result.output
         result = CliRunner().invoke(main, ["references", "build", MODEL, "--references", "6"])
         assert result.exit_code != 0 and "multiple of 4" in result.output
+        result = CliRunner().invoke(main, ["references", "status", "no-such-model"])
+        assert result.exit_code != 0 and "does not exist" in result.output
     finally:
         get_settings.cache_clear()
