@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from unlearning.verification.report import (
 )
 from unlearning.weights import load_weights, save_weights, tensor_sha256
 from worker.context import WorkerContext
-from worker.references import load_tensors
+from worker.shared import Heartbeat, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,8 @@ def run(ctx: WorkerContext, job_id: str, *, task_id: str | None = None) -> str:
         return "skipped"
     log.info("job %s: delivery %d on %s", job_id, job.attempt, ctx.hostname)
     log_per_request(ctx, job_id, "taken up by job %s (delivery %d)", job_id, job.attempt)
-    with Heartbeat(ctx, job_id):
+    with Heartbeat(ctx, f"job {job_id}", lambda db_session: jobs.heartbeat(
+            db_session, job_id=job_id), every=ctx.settings.heartbeat_seconds):
         outcome = _deliver(ctx, job_id)
     log_per_request(ctx, job_id, "job %s ended: %s", job_id, outcome)
     return outcome
@@ -340,31 +340,3 @@ class CancelCheck:
             with self.ctx.session() as db_session:
                 self._canceled = jobs.is_canceled(db_session, job_id=self.job_id)
         return self._canceled
-
-
-class Heartbeat:
-    """Beats for the job from a thread while the worker computes, so a long step without
-    progress callbacks (verification, loading) is not mistaken for a lost worker."""
-
-    def __init__(self, ctx: WorkerContext, job_id: str) -> None:
-        self.ctx, self.job_id = ctx, job_id
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id[:8]}",
-                                        daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.ctx.settings.heartbeat_seconds):
-            try:
-                with self.ctx.session() as db_session:
-                    jobs.heartbeat(db_session, job_id=self.job_id)
-            except Exception:  # a missed beat is retried; the job itself decides its fate
-                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-

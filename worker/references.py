@@ -6,24 +6,20 @@ the training and measuring in unlearning/verification/references.py."""
 from __future__ import annotations
 
 import logging
-import threading
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from app.datasets import service as datasets
-from app.datasets.models import Dataset, Sample
+from app.datasets.models import Dataset
 from app.models_registry.models import Model, Policy
 from app.references import service as references
 from app.references.models import ReferenceSet
 from unlearning.architectures import build_model
-from unlearning.data.store import load_samples
-from unlearning.loops import SampleSet
 from unlearning.runtime import resolve_device
 from unlearning.training import Recipe
 from unlearning.verification.references import ReferenceOutput, train_references
 from worker.context import WorkerContext
+from worker.shared import Heartbeat, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +63,14 @@ def build(ctx: WorkerContext, set_id: int) -> str:
             references.store_reference(db_session, set_id=set_id, index=output.index, rows=rows,
                                        seconds=output.seconds)
 
-    def progress(phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
-        beat.phase = phase
+    phase: list[str | None] = [None]  # the training's latest phase, written with each beat
 
-    with ReferenceHeartbeat(ctx, set_id) as beat:
+    def progress(name: str, step: int, total: int, metrics: dict[str, float]) -> None:
+        phase[0] = name
+
+    with Heartbeat(ctx, f"reference set {set_id}", lambda db_session: references.heartbeat(
+            db_session, set_id=set_id, phase=phase[0]),
+            every=min(ctx.settings.heartbeat_seconds, 5.0)):
         try:
             train_references(
                 lambda: build_model(architecture), Recipe(**policy.training_recipe),
@@ -87,42 +87,3 @@ def build(ctx: WorkerContext, set_id: int) -> str:
         references.finish(db_session, set_id=set_id)
     log.info("reference set %d of %s ready", set_id, name)
     return "ready"
-
-
-def load_tensors(root: Path, samples: list[Sample]) -> SampleSet:
-    """The images and labels of ``samples``, in order (shared with the unlearning pipeline)."""
-    if not samples:
-        return SampleSet(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
-    loaded = load_samples(root, [s.locator for s in samples], labels=[s.label for s in samples])
-    return SampleSet(loaded.x, loaded.y)
-
-
-class ReferenceHeartbeat:
-    """Beats (with the current phase) from a thread while reference models train, so a long
-    training is not mistaken for a lost worker."""
-
-    def __init__(self, ctx: WorkerContext, set_id: int) -> None:
-        self.ctx, self.set_id = ctx, set_id
-        self.phase: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"references-{set_id}",
-                                        daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(min(self.ctx.settings.heartbeat_seconds, 5.0)):
-            try:
-                with self.ctx.session() as db_session:
-                    if self.phase:
-                        references.set_phase(db_session, set_id=self.set_id, phase=self.phase)
-                    else:
-                        references.heartbeat(db_session, set_id=self.set_id)
-            except Exception:  # a missed beat is retried
-                log.warning("heartbeat for reference set %d failed", self.set_id, exc_info=True)
-
-    def __enter__(self) -> ReferenceHeartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)

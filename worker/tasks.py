@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
@@ -22,29 +22,24 @@ log = logging.getLogger(__name__)
 WEBHOOK_TIMEOUT = 10.0
 
 
-def dispatch(job_ids: Iterable[str]) -> None:
-    """Hand jobs to the broker, then record when (the sweeper re-sends stale ones)."""
-    ids = list(job_ids)
+def _send(task: Any, ids: list[Any], mark: Callable[..., None]) -> None:
+    """Hand ``task`` for each id to the broker on the job queue (both kinds of work want the
+    GPU), then record when with ``mark`` (the sweeper re-sends stale ones)."""
     if not ids:
         return
     ctx = context.current()
-    for job_id in ids:
-        run_job.apply_async((job_id,), queue=ctx.settings.job_queue)
+    for item in ids:
+        task.apply_async((item,), queue=ctx.settings.job_queue)
     with ctx.session() as db_session:
-        jobs.mark_dispatched(db_session, ids)
+        mark(db_session, ids)
+
+
+def dispatch(job_ids: Iterable[str]) -> None:
+    _send(run_job, list(job_ids), jobs.mark_dispatched)
 
 
 def dispatch_references(set_ids: Iterable[int]) -> None:
-    """Hand reference jobs to the broker (the job queue: they need the GPU), then record
-    when."""
-    ids = list(set_ids)
-    if not ids:
-        return
-    ctx = context.current()
-    for set_id in ids:
-        build_references.apply_async((set_id,), queue=ctx.settings.job_queue)
-    with ctx.session() as db_session:
-        reference_sets.mark_dispatched(db_session, ids)
+    _send(build_references, list(set_ids), reference_sets.mark_dispatched)
 
 
 @celery_app.task(name="lethe.batch")

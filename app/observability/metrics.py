@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
+from enum import StrEnum
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -113,6 +114,15 @@ def _histogram(durations: Iterable[float]) -> tuple[list[tuple[str, float]], flo
     return buckets, total
 
 
+def _by_status(name: str, documentation: str, counts: dict[str, int],
+               statuses: Iterable[StrEnum]) -> GaugeMetricFamily:
+    """A gauge with one sample per status, 0 where none is counted."""
+    gauge = GaugeMetricFamily(name, documentation, labels=["status"])
+    for status in statuses:
+        gauge.add_metric([status.value], counts.get(status.value, 0))
+    return gauge
+
+
 class DatabaseCollector(Collector):
     """Reads the domain's state in one short session per scrape."""
 
@@ -167,12 +177,8 @@ class DatabaseCollector(Collector):
             depth.add_metric([model], count)
         yield depth
 
-        job_counts = jobs.count_by_status(db_session)
-        active = GaugeMetricFamily("lethe_jobs_active", "Unfinished unlearning jobs by status.",
-                                   labels=["status"])
-        for status in ACTIVE_JOB_STATUSES:
-            active.add_metric([status.value], job_counts.get(status.value, 0))
-        yield active
+        yield _by_status("lethe_jobs_active", "Unfinished unlearning jobs by status.",
+                         jobs.count_by_status(db_session), ACTIVE_JOB_STATUSES)
 
         finished: dict[tuple[str, str], list[float]] = defaultdict(list)
         counts: dict[tuple[str, str], int] = defaultdict(int)
@@ -218,12 +224,8 @@ class DatabaseCollector(Collector):
         yield from self._references(db_session)
 
     def _references(self, db_session: Session) -> Iterator[Metric]:
-        set_counts = references.count_by_status(db_session)
-        sets = GaugeMetricFamily("lethe_reference_sets", "Reference sets by status.",
-                                 labels=["status"])
-        for reference_status in ReferenceStatus:
-            sets.add_metric([reference_status.value], set_counts.get(reference_status.value, 0))
-        yield sets
+        yield _by_status("lethe_reference_sets", "Reference sets by status.",
+                         references.count_by_status(db_session), list(ReferenceStatus))
         completed = GaugeMetricFamily(
             "lethe_reference_models_completed",
             "Reference models trained and measured in the model's newest reference set.",

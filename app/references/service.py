@@ -224,16 +224,14 @@ def store_reference(db_session: Session, *, set_id: int, index: int,
     db_session.commit()
 
 
-def set_phase(db_session: Session, *, set_id: int, phase: str) -> None:
-    db_session.execute(update(ReferenceSet).where(ReferenceSet.id == set_id)
-                       .values(phase=phase[:64], heartbeat_at=utcnow()))
-    db_session.commit()
-
-
-def heartbeat(db_session: Session, *, set_id: int) -> None:
+def heartbeat(db_session: Session, *, set_id: int, phase: str | None = None) -> None:
+    """A running set's worker is alive (and, with ``phase``, where it is)."""
+    values: dict[str, object] = {"heartbeat_at": utcnow()}
+    if phase:
+        values["phase"] = phase[:64]
     db_session.execute(update(ReferenceSet).where(
         ReferenceSet.id == set_id, ReferenceSet.status == ReferenceStatus.running.value)
-        .values(heartbeat_at=utcnow()))
+        .values(**values))
     db_session.commit()
 
 

@@ -122,7 +122,7 @@ def _reference_set(db_session: Session, model: Model, *, stored: int, finish: bo
             seconds=REFERENCE_SECONDS + index / 2)
     if finish:
         return references.finish(db_session, set_id=reference_set.id)
-    references.set_phase(db_session, set_id=reference_set.id,
+    references.heartbeat(db_session, set_id=reference_set.id,
                          phase=f"reference {stored + 1}/{REFERENCES}: train")
     return reference_set
 

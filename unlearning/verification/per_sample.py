@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -156,7 +156,6 @@ class PerSampleEvidence:
     pooled_spread: float
     n_null: int  # holdout samples that form the null
     reference_set: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_flagged(self) -> int:
