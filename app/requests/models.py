@@ -200,7 +200,9 @@ class TargetRead(BaseModel):
     failure_reason: str | None
     waiting_for: str | None = Field(
         default=None, description="Why a queued target is not being batched yet (the model "
-                                  "has no reference statistics and its policy requires them).")
+                                  "has no reference statistics and its policy requires them). "
+                                  "Filled on reads (GET); the 202 intake answer leaves it "
+                                  "null to keep intake's transaction short.")
 
 
 class DeletionRequestRead(BaseModel):
