@@ -110,13 +110,19 @@ def test_reference_job_gates_requests_and_backs_certificates(
     assert pipeline.run(ctx, created[0]) == "published"
     versions = client.get(f"/v1/models/{MODEL}/versions", headers=deployment.operator).json()
     report = versions[-1]["verification_report"]
-    assert report["evidence"] == "per-sample" and report["outcome"] == "unlearned"
+    assert report["evidence"] == "per-sample"
+    # match may find the subjects already unseen-like and stop at 0 steps (the world decides):
+    # either way the outcome must follow the tensors, never call unchanged weights unlearned
+    run = report["run"]
+    changed = run["parent_tensor_sha256"] != run["tensor_sha256"]
+    assert run["weights_changed"] is changed
+    assert report["outcome"] == ("unlearned" if changed else "unchanged")
+    assert changed or run["steps"] == 0
     rows = report["per_sample"]["requests"]
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
     assert all(r["n_testable"] == r["n"] > 0 for r in rows)
     assert report["per_sample"]["references"] == 2  # OUT references per sample, gate half
     assert all(r["p_before"] is not None and r["detectable_shift"] > 0 for r in rows)
-    assert report["run"]["weights_changed"] is True and report["run"]["steps"] > 0
 
     # A requester sees its own client's rows only.
     mine = client.get(f"/v1/models/{MODEL}/versions/{versions[-1]['number']}",
@@ -126,8 +132,10 @@ def test_reference_job_gates_requests_and_backs_certificates(
     # The certificate states the per-sample evidence for its own request, in figures and words.
     entry = client.get(f"{URL}/{ids[0]}/certificate", headers=deployment.requester
                        ).json()["certificate"]["models"][0]
-    assert entry["evidence"] == "per-sample" and entry["outcome"] == "unlearned"
-    assert entry["weights_changed"] is True and entry["method_steps"] > 0
+    assert entry["evidence"] == "per-sample" and entry["outcome"] == report["outcome"]
+    assert entry["weights_changed"] is changed and entry["method_steps"] == run["steps"]
+    assert entry["tensor_sha256"] == run["tensor_sha256"]
+    assert ("changed the weights" if changed else "it was not unlearned") in entry["statement"]
     own = next(r for r in rows if r["request_id"] == ids[0])
     assert entry["per_sample"]["p_value"] == own["p_value"]
     assert "Per-sample evidence" in entry["statement"] and ids[1] not in str(entry)
