@@ -41,7 +41,8 @@ Authenticate with `Authorization: Bearer <API key>`. Errors are RFC 9457 problem
 
 # anyio's default threadpool size, which runs sync routes and dependencies.
 THREADPOOL_TOKENS = 40
-UPLOAD_PATHS = [r"/v1/models/[^/]+/versions", r"/v1/datasets/[^/]+/samples"]
+UPLOAD_PATHS = [r"/v1/models/[^/]+/versions", r"/v1/datasets/[^/]+/samples",
+                r"/v1/datasets/[^/]+/shards/.+"]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -55,7 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.secret_key = settings.resolved_secret_key()
     app.state.artifact_store = ArtifactStore(settings.resolved_artifact_dir)
     app.state.signer = Signer.from_pem(settings.signing_key_pem())
-    app.state.model_server = ModelServer(app.state.artifact_store)
+    app.state.model_server = ModelServer(app.state.artifact_store,
+                                         settings.resolved_dataset_dir)
     app.state.intake = group_committer(app.state.sessionmaker, app.state.secret_key)
 
     install_problem_handlers(app)

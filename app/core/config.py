@@ -46,7 +46,13 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=1 << 20, description="Limit for JSON bodies (413 above).")
     max_upload_bytes: int = Field(
-        default=2 << 30, description="Limit for weights uploads and sample manifests (413 above)."
+        default=2 << 30, description="Limit for weights uploads, sample shards and sample "
+        "manifests (413 above)."
+    )
+    max_model_parameters: int = Field(
+        default=200_000_000, ge=1, description="Largest model (in parameters) that may be "
+        "registered; counted without allocating it, so an architecture that would exhaust "
+        "the workers' memory is refused at registration (422)."
     )
     # Worker pipeline.
     job_queue: str = Field(default="unlearning", description="Celery queue for unlearning jobs "

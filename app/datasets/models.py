@@ -97,3 +97,10 @@ class ManifestResult(BaseModel):
     dataset: str
     inserted: int
     with_subject: int = Field(description="Rows of this manifest that name a subject.")
+
+
+class ShardRead(BaseModel):
+    path: str = Field(description="Inside the dataset's store; locators are `<path>#<row>`.")
+    rows: int
+    sample_shape: list[int] = Field(description="[C, H, W] of each row.")
+    labels: dict[str, int] = Field(description="Rows per label.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from pydantic import ValidationError
@@ -132,13 +132,19 @@ def _jsonl_rows(stream: IO[bytes]) -> Iterator[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             raise Unprocessable(f"line {line_number}: invalid JSON ({exc.msg}).",
                                 line=line_number) from None
+        except RecursionError:  # a line of nothing but brackets: no row nests that deep
+            raise Unprocessable(f"line {line_number}: JSON nested too deeply for a manifest "
+                                "row.", line=line_number) from None
         if not isinstance(value, dict):
             raise Unprocessable(f"line {line_number}: expected a JSON object.", line=line_number)
         yield line_number, value
 
 
-def parse_manifest(stream: IO[bytes], *, content_type: str) -> Iterator[ManifestRow]:
-    """Yield validated rows one at a time; a bad row is a 422 naming its line."""
+def parse_manifest(stream: IO[bytes], *, content_type: str,
+                   check: Callable[[int, ManifestRow], None] | None = None
+                   ) -> Iterator[ManifestRow]:
+    """Yield validated rows one at a time; a bad row is a 422 naming its line. ``check``
+    (line, row) raises for a row the store contradicts (``shards.ManifestChecker``)."""
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type in CSV_TYPES:
         rows = _csv_rows(stream)
@@ -161,6 +167,8 @@ def parse_manifest(stream: IO[bytes], *, content_type: str) -> Iterator[Manifest
                                     line=line_number) from None
             except ValueError as exc:
                 raise Unprocessable(f"line {line_number}: {exc}.", line=line_number) from None
+            if check is not None:
+                check(line_number, row)
             yield row
     except UnicodeDecodeError:
         raise Unprocessable("The manifest is not valid UTF-8.") from None

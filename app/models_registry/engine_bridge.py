@@ -5,6 +5,8 @@ Kept in one place so the API layer's dependency on the engine is visible and sma
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +46,96 @@ def check_training_recipe(recipe: dict[str, Any]) -> None:
         raise ValueError(f"training_recipe: {exc}") from None
 
 
-def check_architecture(spec: dict[str, Any], allowed_factories: list[str]) -> None:
-    """Build the architecture once to prove the spec is valid; raise ValueError if not.
+@dataclass(frozen=True)
+class ArchitectureProbe:
+    """What building an architecture once told: its size and, where an input shape is known
+    (the dataset's samples, or the spec's own kwargs), the classes it predicts."""
 
-    ``module:factory`` specs import code, so over the API only modules the operator listed in
-    LETHE_MODEL_FACTORY_MODULES are accepted."""
-    from unlearning.architectures import build_model
+    parameters: int
+    input_shape: tuple[int, int, int] | None
+    classes: int | None
+
+
+def probe_architecture(spec: dict[str, Any], allowed_factories: list[str] | None, *,
+                       sample_shape: tuple[int, int, int] | None = None,
+                       max_parameters: int | None = None) -> ArchitectureProbe:
+    """Build the architecture to prove the spec is valid, and pass one dummy input through it;
+    raise ValueError saying what does not fit.
+
+    The parameters are counted on PyTorch's meta device first (no memory allocated), so a spec
+    that would exhaust memory is refused before it is built. ``module:factory`` specs import
+    code, so over the API only modules the operator listed in LETHE_MODEL_FACTORY_MODULES are
+    accepted."""
+    import torch
+
+    from unlearning.architectures import ArchitectureError, build_model, input_shape
+
+    def build(device: str) -> torch.nn.Module:
+        try:
+            with torch.device(device):
+                return build_model(spec, allowed_modules=allowed_factories)
+        except ArchitectureError:
+            raise
+        except Exception as exc:  # a factory that fails to build is the spec's fault too
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+    def count(model: torch.nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    def check_size(parameters: int) -> None:
+        if max_parameters is not None and parameters > max_parameters:
+            raise ValueError(f"{parameters:,} parameters; this service accepts at most "
+                             f"{max_parameters:,} (LETHE_MAX_MODEL_PARAMETERS)")
 
     try:
-        build_model(spec, allowed_modules=allowed_factories)
-    except ValueError:
+        on_meta: int | None = count(build("meta"))
+    except ArchitectureError:
         raise
-    except Exception as exc:  # a factory that fails to build is the spec's fault too
-        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    except ValueError:  # a factory that computes on tensors while it builds needs real ones
+        on_meta = None
+    if on_meta is not None:
+        check_size(on_meta)
+    model = build("cpu")
+    parameters = count(model)
+    check_size(parameters)
+    declared = input_shape(spec)
+    if sample_shape is not None and declared is not None and declared != sample_shape:
+        raise ValueError(f"the architecture takes inputs shaped {list(declared)} (from its "
+                         f"kwargs) but the dataset's samples are {list(sample_shape)}")
+    shape = sample_shape or declared
+    classes = None
+    if shape is not None:
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(2, *shape))
+        except Exception as exc:
+            raise ValueError(f"a dummy batch shaped {[2, *shape]} does not pass through the "
+                             f"model: {type(exc).__name__}: {exc}") from None
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
+            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the model must return logits shaped [N, classes]; for a batch "
+                             f"of 2 it returned {got}")
+        classes = int(out.shape[1])
+    return ArchitectureProbe(parameters, shape, classes)
+
+
+def check_architecture(spec: dict[str, Any], allowed_factories: list[str]) -> None:
+    """Build the architecture once to prove the spec is valid; raise ValueError if not."""
+    probe_architecture(spec, allowed_factories)
+
+
+@lru_cache(maxsize=256)
+def _classes(spec_json: str, shape: tuple[int, int, int] | None,
+             allowed: tuple[str, ...]) -> int | None:
+    return probe_architecture(json.loads(spec_json), list(allowed), sample_shape=shape).classes
+
+
+def output_classes(spec: dict[str, Any], shape: tuple[int, int, int] | None,
+                   allowed_factories: list[str]) -> int | None:
+    """How many classes a registered architecture predicts on inputs of ``shape`` (cached:
+    a manifest upload asks it for every model on the dataset)."""
+    return _classes(json.dumps(spec, sort_keys=True), shape, tuple(allowed_factories))
 
 
 def check_weights_file(path: Path, spec: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -14,6 +15,7 @@ from app.auth.service import Principal
 from app.core.db import utcnow
 from app.core.errors import Conflict, NotFound, Unprocessable
 from app.datasets import service as datasets
+from app.datasets import shards
 from app.datasets.models import Dataset
 from app.models_registry import engine_bridge
 from app.models_registry.artifacts import ArtifactStore, StagedArtifact, version_uri
@@ -65,16 +67,31 @@ def _check_policy(policy: Policy) -> None:
 
 
 def create(db_session: Session, *, model_in: ModelCreate, allowed_factories: list[str],
-           actor: str) -> Model:
+           actor: str, dataset_dir: Path | None = None, max_parameters: int | None = None
+           ) -> Model:
+    """Register a model on a dataset. The architecture is built once and a dummy batch of the
+    dataset's sample shape passed through it, so a model that cannot take the dataset's
+    samples, predicts fewer classes than its labels hold, or exceeds ``max_parameters`` is
+    refused here rather than inside its first job. ``dataset_dir`` None skips the data checks
+    (the dataset's store is not known)."""
     if find(db_session, name=model_in.name) is not None:
         raise Conflict(f"Model {model_in.name!r} already exists.")
     dataset = datasets.find(db_session, name=model_in.dataset)
     if dataset is None:
         raise Unprocessable(f"Dataset {model_in.dataset!r} does not exist.")
+    shape = (shards.established_shape(db_session, dataset=dataset, dataset_dir=dataset_dir)
+             if dataset_dir is not None else None)
     try:
-        engine_bridge.check_architecture(model_in.architecture.model_dump(), allowed_factories)
+        probe = engine_bridge.probe_architecture(
+            model_in.architecture.model_dump(), allowed_factories, sample_shape=shape,
+            max_parameters=max_parameters)
     except ValueError as exc:
         raise Unprocessable(f"Architecture: {exc}") from None
+    top_label = shards.label_range(db_session, dataset=dataset)
+    if probe.classes is not None and top_label is not None and top_label >= probe.classes:
+        raise Unprocessable(f"Architecture: it predicts {probe.classes} classes, but dataset "
+                            f"{dataset.name!r} holds label {top_label}.",
+                            classes=probe.classes, largest_label=top_label)
     _check_policy(model_in.policy)
     model = Model(name=model_in.name, architecture=model_in.architecture.model_dump(),
                   dataset_id=dataset.id, policy=model_in.policy.model_dump(mode="json"))

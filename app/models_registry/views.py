@@ -32,7 +32,9 @@ AliasName = Annotated[str, Path(pattern=r"^[a-z][a-z0-9_-]{0,31}$", examples=["p
 def create_model(body: ModelCreate, db_session: SessionDep, principal: Operator,
                  settings: SettingsDep) -> ModelRead:
     model = service.create(db_session, model_in=body, actor=principal.actor,
-                           allowed_factories=settings.allowed_model_factories)
+                           allowed_factories=settings.allowed_model_factories,
+                           dataset_dir=settings.resolved_dataset_dir,
+                           max_parameters=settings.max_model_parameters)
     return service.to_read(db_session, model=model)
 
 

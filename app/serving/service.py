@@ -12,12 +12,15 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, Unprocessable
+from app.datasets import shards
+from app.datasets.models import Dataset
 from app.models_registry import service as registry
 from app.models_registry.artifacts import ArtifactStore
 from app.models_registry.models import Model
@@ -34,8 +37,8 @@ class LoadedModel:
 
 
 class ModelServer:
-    def __init__(self, store: ArtifactStore) -> None:
-        self.store = store
+    def __init__(self, store: ArtifactStore, dataset_dir: Path | None = None) -> None:
+        self.store, self.dataset_dir = store, dataset_dir
         self._loaded: dict[int, LoadedModel] = {}  # model id -> what is served
         self._lock = threading.Lock()
 
@@ -50,19 +53,31 @@ class ModelServer:
             current = self._loaded.get(model.id)
             if current is None or current.version_id != version.id:
                 current = self._load(model, version.id, version.number, version.artifact_uri,
-                                     version.sha256)
+                                     version.sha256, self._input_shape(db_session, model))
                 self._loaded[model.id] = current
         return current
 
-    def _load(self, model: Model, version_id: int, number: int, uri: str, sha256: str
-              ) -> LoadedModel:
-        from unlearning.architectures import build_model, input_shape
+    def _input_shape(self, db_session: Session, model: Model) -> tuple[int, int, int] | None:
+        """The shape each input must have: the architecture's own (from its kwargs), else the
+        shape of the dataset it was trained on; None only while neither is known."""
+        from unlearning.architectures import input_shape
+
+        declared = input_shape(model.architecture)
+        if declared is not None or self.dataset_dir is None:
+            return declared
+        dataset = db_session.get(Dataset, model.dataset_id)
+        return shards.established_shape(db_session, dataset=dataset,
+                                        dataset_dir=self.dataset_dir) if dataset else None
+
+    def _load(self, model: Model, version_id: int, number: int, uri: str, sha256: str,
+              shape: tuple[int, int, int] | None) -> LoadedModel:
+        from unlearning.architectures import build_model
         from unlearning.weights import load_weights
 
         if self.store.sha256_of(uri) != sha256:
             raise Conflict(f"{model.name} v{number}: weights do not match their sha256.")
         module = load_weights(build_model(model.architecture), self.store.path_of(uri)).eval()
-        return LoadedModel(version_id, number, module, input_shape(model.architecture))
+        return LoadedModel(version_id, number, module, shape)
 
     def predict(self, db_session: Session, model: Model, body: PredictRequest
                 ) -> PredictResponse:
@@ -74,8 +89,13 @@ class ModelServer:
         except Unprocessable:
             observe_predict(model.name, time.perf_counter() - started, outcome="invalid")
             raise
-        with torch.inference_mode():
-            probabilities = torch.softmax(loaded.module(batch).float(), dim=1)
+        try:
+            with torch.inference_mode():
+                probabilities = torch.softmax(loaded.module(batch).float(), dim=1)
+        except RuntimeError as exc:  # finite numbers in 4-D that the layers cannot take
+            observe_predict(model.name, time.perf_counter() - started, outcome="invalid")
+            raise Unprocessable(f"The model cannot take inputs shaped {list(batch.shape[1:])}: "
+                                f"{str(exc).splitlines()[0]}") from None
         observe_predict(model.name, time.perf_counter() - started, samples=len(batch))
         return PredictResponse(
             model=model.name, model_version=loaded.number,

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import save
 
+SHAPE = (1, 8, 8)  # the MLP below takes 8x8 single-channel images
 MLP = {"name": "mlp",
        "kwargs": {"in_channels": 1, "input_size": 8, "num_classes": 10, "hidden": 16}}
 
@@ -27,6 +30,40 @@ def manifest_rows(n_subjects: int = 5, per_subject: int = 4, holdout: int = 10,
     return rows
 
 
+def shard_bytes(x: torch.Tensor, y: torch.Tensor, keys: list[str]) -> bytes:
+    """A sample shard as a client builds one: safetensors with `x`, `y` and the keys."""
+    return save({"x": x.contiguous(), "y": y.contiguous()}, metadata={"keys": json.dumps(keys)})
+
+
+def shards_for(rows: list[dict[str, Any]], shape: tuple[int, int, int] = SHAPE
+               ) -> dict[str, bytes]:
+    """The shards a manifest's rows point into, each row holding the row's label (rows no
+    manifest line names are padding); pixels are seeded noise."""
+    by_shard: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        path, _, index = str(row["locator"]).partition("#")
+        by_shard.setdefault(path, {})[int(index)] = row
+    generator = torch.Generator().manual_seed(0)
+    shards = {}
+    for path, named in by_shard.items():
+        n = max(named) + 1
+        x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=generator)
+        y = torch.tensor([int(named[i]["label"]) if i in named else 0 for i in range(n)],
+                         dtype=torch.int64)
+        keys = [str(named[i]["sample_key"]) if i in named else f"{path}-pad-{i}"
+                for i in range(n)]
+        shards[path] = shard_bytes(x, y, keys)
+    return shards
+
+
+def upload_shards(client: TestClient, operator: dict[str, str], dataset: str,
+                  rows: list[dict[str, Any]], shape: tuple[int, int, int] = SHAPE) -> None:
+    for path, body in shards_for(rows, shape).items():
+        response = client.put(f"/v1/datasets/{dataset}/shards/{path}", content=body,
+                              headers={**operator, "Content-Type": "application/octet-stream"})
+        assert response.status_code == 201, response.text
+
+
 def jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
@@ -36,9 +73,10 @@ def seed_model(client: TestClient, operator: dict[str, str], *, dataset: str = "
                rows: list[dict[str, Any]] | None = None) -> None:
     response = client.post("/v1/datasets", json={"name": dataset}, headers=operator)
     assert response.status_code == 201, response.text
-    response = client.post(f"/v1/datasets/{dataset}/samples", content=jsonl(
-        rows if rows is not None else manifest_rows()),
-        headers={**operator, "Content-Type": "application/x-ndjson"})
+    rows = rows if rows is not None else manifest_rows()
+    upload_shards(client, operator, dataset, rows)
+    response = client.post(f"/v1/datasets/{dataset}/samples", content=jsonl(rows),
+                           headers={**operator, "Content-Type": "application/x-ndjson"})
     assert response.status_code == 201, response.text
     body: dict[str, Any] = {"name": model, "architecture": MLP, "dataset": dataset}
     # no reference jobs in API tests (nothing runs them): requests batch as soon as due

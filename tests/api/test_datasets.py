@@ -6,19 +6,22 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.datasets.models import Sample
-from tests.api.seed import jsonl, manifest_rows
+from tests.api.seed import jsonl, manifest_rows, upload_shards
 
 NDJSON = "application/x-ndjson"
 
 
 @pytest.fixture
 def dataset(client: TestClient, operator: dict[str, str]) -> str:
+    """A dataset whose store holds the shards ``manifest_rows()`` names."""
     assert client.post("/v1/datasets", json={"name": "digits", "description": "8x8"},
                        headers=operator).status_code == 201
+    upload_shards(client, operator, "digits", manifest_rows())
     return "digits"
 
 
@@ -42,6 +45,11 @@ def test_a_jsonl_manifest_is_stored_with_subjects_hashed(
 
 def test_a_csv_manifest_with_a_header_is_accepted(
         client: TestClient, operator: dict[str, str], dataset: str) -> None:
+    upload_shards(client, operator, "digits", [
+        {"sample_key": "a", "label": 1, "locator": "shard-0.safetensors#0"}])
+    store = client.app.state.settings.resolved_dataset_dir / "digits"  # type: ignore[attr-defined]
+    (store / "images").mkdir()
+    Image.new("L", (8, 8), color=7).save(store / "images" / "b.png")
     body = ("sample_key,subject_ref,label,split,locator\n"
             "a,alice,1,train,shard-0.safetensors#0\n"
             "b,,2,test,images/b.png\n")

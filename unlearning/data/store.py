@@ -90,7 +90,8 @@ def resolve_locator(root: str | os.PathLike[str], locator: str) -> Locator:
 # -- shards ---------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or link in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -120,7 +121,7 @@ def write_shard(path: str | os.PathLike[str], x: torch.Tensor, y: torch.Tensor,
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
 
 
@@ -129,34 +130,74 @@ class ShardReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        try:
+            header_len, header, metadata = self._header(path)
+            self.keys: list[str] = json.loads(metadata.get("keys", "[]"))
+            self.wiped_rows: set[int] = set(json.loads(metadata.get("wiped_rows", "[]")))
+            if not isinstance(self.keys, list) or not all(isinstance(r, int)
+                                                          for r in self.wiped_rows):
+                raise StoreError(f"{path.name}: malformed `keys` or `wiped_rows` metadata")
+            self.arrays: dict[str, np.ndarray] = {}
+            for name, info in header.items():
+                self.arrays[name] = self._map(path, name, info, 8 + header_len)
+        except StoreError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError,
+                OverflowError, struct.error) as exc:  # a header built to break the parser
+            raise StoreError(f"{path.name}: not a readable safetensors file "
+                             f"({type(exc).__name__}: {exc})") from None
+        if "x" not in self.arrays or "y" not in self.arrays:
+            raise StoreError(f"{path.name}: a shard holds tensors 'x' and 'y'")
+
+    @staticmethod
+    def _header(path: Path) -> tuple[int, dict[str, dict[str, object]], dict[str, str]]:
         with path.open("rb") as handle:
             (header_len,) = struct.unpack("<Q", handle.read(8))
             if header_len > 100 * 2**20:
                 raise StoreError(f"{path.name}: implausible header size")
             header = json.loads(handle.read(header_len))
+        if not isinstance(header, dict):
+            raise StoreError(f"{path.name}: the header is not a JSON object")
         metadata = header.pop("__metadata__", {}) or {}
-        self.keys: list[str] = json.loads(metadata.get("keys", "[]"))
-        self.wiped_rows: set[int] = set(json.loads(metadata.get("wiped_rows", "[]")))
-        self._arrays: dict[str, np.ndarray] = {}
-        for name, info in header.items():
-            dtype = _NUMPY_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise StoreError(f"{path.name}: unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-                raise StoreError(f"{path.name}: tensor {name} size does not match its shape")
-            self._arrays[name] = np.memmap(path, dtype=dtype, mode="r",
-                                           offset=8 + header_len + start, shape=shape)
-        if "x" not in self._arrays or "y" not in self._arrays:
-            raise StoreError(f"{path.name}: a shard holds tensors 'x' and 'y'")
+        if not isinstance(metadata, dict):
+            raise StoreError(f"{path.name}: `__metadata__` is not a JSON object")
+        return header_len, header, metadata
+
+    @staticmethod
+    def _map(path: Path, name: str, info: dict[str, object], data_start: int) -> np.ndarray:
+        dtype = _NUMPY_DTYPES.get(info["dtype"])  # type: ignore[arg-type]
+        if dtype is None:
+            raise StoreError(f"{path.name}: unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]  # type: ignore[misc]
+        shape = tuple(int(d) for d in info["shape"])  # type: ignore[attr-defined]
+        if any(d < 0 for d in shape) or not 0 <= start <= end:
+            raise StoreError(f"{path.name}: tensor {name} has a negative shape or offset")
+        if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            raise StoreError(f"{path.name}: tensor {name} size does not match its shape")
+        if data_start + end > path.stat().st_size:
+            raise StoreError(f"{path.name}: tensor {name} lies past the end of the file")
+        if end == start:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=data_start + start, shape=shape)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of each row; StoreError unless ``x`` is [N, C, H, W]."""
+        shape = self.arrays["x"].shape
+        if len(shape) != 4:
+            raise StoreError(f"{self.path.name}: `x` must be shaped [N, C, H, W], not "
+                             f"{list(shape)}")
+        return int(shape[1]), int(shape[2]), int(shape[3])
+
+    def label(self, row: int) -> int:
+        return int(self.arrays["y"][row])
 
     def __len__(self) -> int:
-        return int(self._arrays["y"].shape[0])
+        return int(self.arrays["y"].shape[0])
 
     def all_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of every row (wiped ones included, as zeros)."""
-        return np.array(self._arrays["x"]), np.array(self._arrays["y"])
+        return np.array(self.arrays["x"]), np.array(self.arrays["y"])
 
     def rows(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         index = np.asarray(rows, dtype=np.int64)
@@ -165,7 +206,7 @@ class ShardReader:
         erased = self.wiped_rows.intersection(index.tolist())
         if erased:
             raise SampleErased(f"{self.path.name}: rows {sorted(erased)[:5]} were wiped")
-        return np.array(self._arrays["x"][index]), np.array(self._arrays["y"][index])
+        return np.array(self.arrays["x"][index]), np.array(self.arrays["y"][index])
 
 
 def _read_image(path: Path) -> np.ndarray:
