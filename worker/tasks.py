@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import httpx
+from sqlalchemy.orm import Session
 
 from app.jobs import service as jobs
 from app.references import service as reference_sets
 from app.webhooks import service as webhooks
+from app.webhooks import targets
+from app.webhooks.models import Webhook, WebhookDelivery
 from worker import context, maintenance, pipeline
 from worker import references as references_job
 from worker.celery_app import celery_app
@@ -96,28 +99,53 @@ def purge() -> dict[str, int]:
 def deliver_webhooks() -> int:
     ctx = context.current()
     secret_key = ctx.settings.resolved_secret_key()
+    allowed_networks = ctx.settings.webhook_allowed_network_list
     sent = 0
     with ctx.session() as db_session:
         due = webhooks.lease_due(db_session)
         with httpx.Client(timeout=WEBHOOK_TIMEOUT, follow_redirects=False) as client:
             for delivery, webhook in due:
-                status, error = _post(client, webhook.url, delivery.event, delivery.payload,
-                                      webhooks.secret_of(webhook, secret_key))
-                result = webhooks.record_attempt(db_session, delivery_id=delivery.id,
-                                                 status_code=status, error=error)
+                if not webhooks.still_due(db_session, delivery_id=delivery.id):
+                    continue  # its webhook was deleted since the lease
+                result = _attempt(db_session, client, delivery, webhook,
+                                  secret=webhooks.secret_of(webhook, secret_key),
+                                  allowed_networks=allowed_networks)
                 log.info("webhook %s %s -> %s (attempt %d, %s)", delivery.event, webhook.url,
-                         status or error, result.attempts, result.status)
+                         result.last_status_code or result.last_error, result.attempts,
+                         result.status)
                 sent += 1
     return sent
 
 
-def _post(client: httpx.Client, url: str, event: str, payload: dict[str, Any], secret: bytes
-          ) -> tuple[int | None, str | None]:
+def _attempt(db_session: Session, client: httpx.Client, delivery: WebhookDelivery,
+             webhook: Webhook, *, secret: bytes,
+             allowed_networks: Sequence[targets.IPNetwork]) -> WebhookDelivery:
+    """Check the target again (its DNS may have changed since registration), then send; a
+    refused target fails the delivery at once, anything else is retried with backoff."""
+    try:
+        target = targets.check(webhook.url, allowed_networks=allowed_networks)
+    except targets.TargetRefused as refusal:
+        return webhooks.record_refusal(db_session, delivery_id=delivery.id, reason=str(refusal))
+    except targets.TargetUnresolvable as unresolvable:  # DNS may recover
+        return webhooks.record_attempt(db_session, delivery_id=delivery.id, status_code=None,
+                                       error=str(unresolvable))
+    status, error = _post(client, target, delivery.event, delivery.payload, secret)
+    return webhooks.record_attempt(db_session, delivery_id=delivery.id, status_code=status,
+                                   error=error)
+
+
+def _post(client: httpx.Client, target: targets.Target, event: str, payload: dict[str, Any],
+          secret: bytes) -> tuple[int | None, str | None]:
+    """POST to the checked address itself, naming the registered host in ``Host`` and, for
+    https, in the TLS handshake (so its certificate is verified against that name)."""
     body = json.dumps({"event": event, "data": payload}, separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json", "Lethe-Event": event,
-               "Lethe-Signature": webhooks.signature(secret, body, int(time.time()))}
+               "Lethe-Signature": webhooks.signature(secret, body, int(time.time())),
+               "Host": target.host_header}
+    extensions = {"sni_hostname": target.server_name} if target.server_name else None
     try:
-        response = client.post(url, content=body, headers=headers)
+        response = client.post(target.url, content=body, headers=headers,
+                               extensions=extensions)
     except httpx.HTTPError as error:
         return None, f"{type(error).__name__}: {error}"
     return response.status_code, None if response.is_success else response.text[:500]

@@ -20,7 +20,12 @@ from app.core.db import Base, UTCDateTime, utcnow
 class DeliveryStatus(StrEnum):
     pending = "pending"
     delivered = "delivered"
-    failed = "failed"  # gave up after the last retry
+    failed = "failed"  # gave up after the last retry, or its target was refused
+    canceled = "canceled"  # its webhook was deleted before it was sent
+
+
+# The URL column's length, and the longest URL a webhook may be registered with.
+MAX_URL_LENGTH = 2048
 
 
 class Webhook(Base):
@@ -28,7 +33,7 @@ class Webhook(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     client_id: Mapped[str] = mapped_column(String(128), index=True)
-    url: Mapped[str] = mapped_column(String(2048))
+    url: Mapped[str] = mapped_column(String(MAX_URL_LENGTH))
     # Encrypted with the service key (Fernet): the HMAC needs the secret itself.
     secret_encrypted: Mapped[str] = mapped_column(Text)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -53,7 +58,10 @@ class WebhookDelivery(Base):
 
 
 class WebhookCreate(BaseModel):
-    url: AnyHttpUrl = Field(examples=["https://crm.example.com/hooks/lethe"])
+    url: AnyHttpUrl = Field(
+        max_length=MAX_URL_LENGTH, examples=["https://crm.example.com/hooks/lethe"],
+        description="An http(s) endpoint whose host resolves to public addresses only "
+                    "(unless the operator allows a network: `LETHE_WEBHOOK_ALLOWED_NETWORKS`).")
 
 
 class WebhookRead(BaseModel):

@@ -6,23 +6,35 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ScalarSelect, func, select
+from sqlalchemy import ScalarSelect, func, select, update
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
 from app.auth.models import Role
 from app.auth.service import Principal
 from app.core.db import utcnow
-from app.core.errors import NotFound
+from app.core.errors import NotFound, Unprocessable
 from app.core.security import fernet
+from app.webhooks import targets
 from app.webhooks.models import DeliveryStatus, Webhook, WebhookDelivery
 
 
-def create(db_session: Session, *, principal: Principal, url: str, secret_key: bytes
-           ) -> tuple[Webhook, str]:
+def create(db_session: Session, *, principal: Principal, url: str, secret_key: bytes,
+           allowed_networks: Sequence[targets.IPNetwork] = ()) -> tuple[Webhook, str]:
+    """Subscribe the principal's client; a URL that may not be a target (see ``targets``) is
+    refused with nothing stored."""
+    try:
+        targets.check(url, allowed_networks=allowed_networks)
+    except (targets.TargetRefused, targets.TargetUnresolvable) as refusal:
+        raise Unprocessable(
+            f"The webhook URL {refusal}; webhooks are sent to public addresses only (an "
+            "operator may allow networks with LETHE_WEBHOOK_ALLOWED_NETWORKS).",
+            errors=[{"loc": ["body", "url"], "msg": str(refusal),
+                     "type": "webhook_target_refused"}]) from None
     secret = secrets.token_urlsafe(32)
     webhook = Webhook(id=str(uuid.uuid4()), client_id=principal.client_id, url=url,
                       secret_encrypted=fernet(secret_key).encrypt(secret.encode()).decode())
@@ -41,11 +53,17 @@ def list_for(db_session: Session, *, principal: Principal) -> list[Webhook]:
 
 
 def delete(db_session: Session, *, principal: Principal, webhook_id: str) -> None:
+    """Deactivate the webhook and cancel its pending deliveries, together: none is sent
+    after the unsubscription commits."""
     webhook = db_session.get(Webhook, webhook_id)
     if webhook is None or not webhook.active or (
             principal.role != Role.admin and webhook.client_id != principal.client_id):
         raise NotFound(f"Webhook {webhook_id!r} does not exist.")
     webhook.active = False
+    db_session.execute(update(WebhookDelivery).where(
+        WebhookDelivery.webhook_id == webhook.id,
+        WebhookDelivery.status == DeliveryStatus.pending.value,
+    ).values(status=DeliveryStatus.canceled.value))
     audit.record(db_session, actor=principal.actor, action="webhook.deleted",
                  entity_type="webhook", entity_id=webhook.id, details={})
     db_session.commit()
@@ -103,28 +121,54 @@ def signature(secret: bytes, body: bytes, timestamp: int) -> str:
 
 
 def lease_due(db_session: Session, *, limit: int = 50) -> list[tuple[WebhookDelivery, Webhook]]:
+    """Due deliveries of active webhooks, held for ``LEASE`` from other senders."""
     now = utcnow()
-    deliveries = db_session.scalars(
-        select(WebhookDelivery).where(WebhookDelivery.status == DeliveryStatus.pending.value,
-                                      WebhookDelivery.next_attempt_at <= now)
-        .order_by(WebhookDelivery.id).limit(limit).with_for_update(skip_locked=True)).all()
-    leased = []
-    for delivery in deliveries:
+    rows = db_session.execute(
+        select(WebhookDelivery, Webhook)
+        .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
+        .where(WebhookDelivery.status == DeliveryStatus.pending.value,
+               WebhookDelivery.next_attempt_at <= now, Webhook.active.is_(True))
+        .order_by(WebhookDelivery.id).limit(limit)
+        .with_for_update(skip_locked=True, of=WebhookDelivery)).all()
+    leased = [(delivery, webhook) for delivery, webhook in rows]
+    for delivery, _ in leased:
         delivery.next_attempt_at = now + LEASE
-        webhook = db_session.get(Webhook, delivery.webhook_id)
-        if webhook is not None:
-            leased.append((delivery, webhook))
     db_session.commit()
     return leased
 
 
+def still_due(db_session: Session, *, delivery_id: int) -> bool:
+    """Whether a leased delivery is still to be sent: its webhook may have been deleted (and
+    the delivery canceled) since the lease. Ends its read, so no transaction stays open
+    while the worker waits on the endpoint."""
+    pending = db_session.scalar(
+        select(func.count()).select_from(WebhookDelivery)
+        .join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
+        .where(WebhookDelivery.id == delivery_id,
+               WebhookDelivery.status == DeliveryStatus.pending.value,
+               Webhook.active.is_(True)))
+    db_session.commit()
+    return bool(pending)
+
+
+def record_refusal(db_session: Session, *, delivery_id: int, reason: str) -> WebhookDelivery:
+    """The target was refused right before sending (its host now resolves to an address
+    webhooks may not reach): a policy decision that retrying would only repeat, so the
+    delivery fails now, with the reason as its error."""
+    delivery = _attempted(db_session, delivery_id, status_code=None, error=f"refused: {reason}")
+    if delivery.status == DeliveryStatus.pending.value:
+        delivery.status = DeliveryStatus.failed.value
+    db_session.commit()
+    return delivery
+
+
 def record_attempt(db_session: Session, *, delivery_id: int, status_code: int | None,
                    error: str | None) -> WebhookDelivery:
-    delivery = db_session.get(WebhookDelivery, delivery_id)
-    assert delivery is not None
+    delivery = _attempted(db_session, delivery_id, status_code=status_code, error=error)
     now = utcnow()
-    delivery.attempts += 1
-    delivery.last_status_code, delivery.last_error = status_code, error
+    if delivery.status != DeliveryStatus.pending.value:  # canceled while it was being sent
+        db_session.commit()
+        return delivery
     if status_code is not None and 200 <= status_code < 300:
         delivery.status, delivery.delivered_at = DeliveryStatus.delivered.value, now
     elif delivery.attempts >= MAX_ATTEMPTS:
@@ -132,4 +176,15 @@ def record_attempt(db_session: Session, *, delivery_id: int, status_code: int | 
     else:
         delivery.next_attempt_at = now + backoff(delivery.attempts)
     db_session.commit()
+    return delivery
+
+
+def _attempted(db_session: Session, delivery_id: int, *, status_code: int | None,
+               error: str | None) -> WebhookDelivery:
+    # Read afresh and locked: a delete may have canceled it since it was leased.
+    delivery = db_session.get(WebhookDelivery, delivery_id, populate_existing=True,
+                              with_for_update=True)
+    assert delivery is not None
+    delivery.attempts += 1
+    delivery.last_status_code, delivery.last_error = status_code, error
     return delivery
