@@ -54,8 +54,7 @@ def _image_shape(path: Path) -> Shape:
         return channels, image.height, image.width
 
 
-def locator_shape(root: Path, locator: str, readers: Callable[[Path], ShardReader] | None = None
-                  ) -> Shape:
+def locator_shape(root: Path, locator: str) -> Shape:
     """The ``(C, H, W)`` of the sample a locator names (a shard's header, or the image's
     header); StoreError when it cannot be read."""
     resolved = resolve_locator(root, locator)
@@ -68,8 +67,7 @@ def locator_shape(root: Path, locator: str, readers: Callable[[Path], ShardReade
             raise StoreError(f"{locator!r} is not an image Pillow can read: {exc}") from None
     if not resolved.path.is_file():
         raise StoreError(f"no shard at {locator.partition('#')[0]!r}")
-    reader = readers(resolved.path) if readers else ShardReader(resolved.path)
-    return reader.sample_shape
+    return ShardReader(resolved.path).sample_shape
 
 
 def established_shape(db_session: Session, *, dataset: Dataset, dataset_dir: Path
@@ -131,6 +129,7 @@ class ManifestChecker:
     def __init__(self, root: Path, *, shape: Shape | None, limit: ClassLimit | None) -> None:
         self.root, self.shape, self.limit = root, shape, limit
         self._readers: OrderedDict[Path, ShardReader] = OrderedDict()
+        self._paths: dict[str, Path] = {}
 
     def _reader(self, path: Path) -> ShardReader:
         reader = self._readers.pop(path, None) or ShardReader(path)
@@ -138,6 +137,16 @@ class ManifestChecker:
         while len(self._readers) > OPEN_SHARDS:
             self._readers.popitem(last=False)
         return reader
+
+    def _resolve(self, locator: str) -> tuple[Path, int | None]:
+        """Where a locator points (resolved once per shard: a manifest names each shard
+        thousands of times)."""
+        path_text, _, row_text = locator.partition("#")
+        path = self._paths.get(path_text)
+        if path is None:
+            path = resolve_locator(self.root, locator).path
+            self._paths[path_text] = path
+        return path, int(row_text) if row_text else None
 
     def check(self, line: int, row: ManifestRow) -> None:
         def refuse(message: str) -> Unprocessable:
@@ -149,16 +158,20 @@ class ManifestChecker:
                          f"(it predicts {self.limit.classes} classes: 0 to "
                          f"{self.limit.classes - 1})")
         try:
-            resolved = resolve_locator(self.root, row.locator)
-            shape = locator_shape(self.root, row.locator, self._reader)
-            if resolved.row is not None:
-                reader = self._reader(resolved.path)
-                if resolved.row >= len(reader):
-                    raise refuse(f"locator {row.locator!r}: row {resolved.row} is out of range "
+            path, index = self._resolve(row.locator)
+            if index is None:
+                shape = locator_shape(self.root, row.locator)
+            else:
+                if not path.is_file() and path not in self._readers:
+                    raise StoreError(f"no shard at {row.locator.partition('#')[0]!r}")
+                reader = self._reader(path)
+                shape = reader.sample_shape
+                if index >= len(reader):
+                    raise refuse(f"locator {row.locator!r}: row {index} is out of range "
                                  f"(the shard holds {len(reader)} rows)")
-                if resolved.row in reader.wiped_rows:
-                    raise refuse(f"locator {row.locator!r}: row {resolved.row} was wiped")
-                held = reader.label(resolved.row)
+                if index in reader.wiped_rows:
+                    raise refuse(f"locator {row.locator!r}: row {index} was wiped")
+                held = reader.label(index)
                 if held != row.label:
                     raise refuse(f"label {row.label} differs from the label the shard holds "
                                  f"for {row.locator!r} ({held})")
