@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from app.audit import service
 from app.audit.models import AuditEventRead, AuditPage, ChainVerification
 from app.core.deps import Auditor, SessionDep
+from app.core.fields import AuditSeq
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -16,7 +17,7 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"])
 @router.get("", response_model=AuditPage, summary="Read the audit log, oldest first")
 def list_events(
     db_session: SessionDep, principal: Auditor,
-    after: Annotated[int, Query(ge=0, description="Return events after this `seq`.")] = 0,
+    after: Annotated[AuditSeq, Query(description="Return events after this `seq`.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     action: Annotated[str | None, Query(max_length=64)] = None,
     entity_type: Annotated[str | None, Query(max_length=32)] = None,

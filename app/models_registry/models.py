@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, UniqueConstraint
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.audit.models import JSONType
 from app.core.db import Base, UTCDateTime, utcnow
+from app.core.fields import VersionNumber
 from app.datasets.models import NAME_PATTERN
 from app.models_registry.engine_bridge import check_reference_count
 
@@ -140,8 +141,21 @@ class Policy(BaseModel):
     escalation: EscalationPolicy = Field(default_factory=EscalationPolicy)
     max_attempts: int = Field(default=3, ge=1, le=20,
                               description="Deliveries of a job before its targets fail.")
-    grace_days: int = Field(default=0, ge=0, le=365,
-                            description="Days a superseded version's weights are kept.")
+    grace_days: int = Field(
+        default=7, ge=0, le=365,
+        description="Days the weights of a superseded version that still holds erased data, "
+                    "and of a rejected candidate, are kept before the purge deletes them: "
+                    "time to compare them with their successor and investigate. Never past "
+                    "the due date of an erased request whose data they still hold (the purge "
+                    "comes at whichever is first), so the deadline (`due_days`) is kept. A "
+                    "version that predates no erasure is never purged and stays available to "
+                    "roll back to. 0: at the next purge.")
+    scenario_clients: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list, max_length=100, examples=[["acme-forensics"]],
+        description="Clients (an API key's `client_id`) whose requester keys may send "
+                    "`class` and `backdoor` requests for this model. Those change what the "
+                    "model does for everyone: operator and admin keys may always send them, "
+                    "requester keys only when named here.")
     training_recipe: dict[str, Any] = Field(
         default_factory=dict, examples=[{"epochs": 30, "lr": 0.05, "batch_size": 128}],
         description="How the original was trained; `retrain` (the last escalation) uses it.")
@@ -192,7 +206,7 @@ class VersionRead(BaseModel):
 
 
 class AliasUpdate(BaseModel):
-    version: int = Field(ge=1, examples=[3])
+    version: VersionNumber = Field(examples=[3])
 
 
 class AliasRead(BaseModel):

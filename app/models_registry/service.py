@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.audit import service as audit
 from app.auth.models import Role
@@ -280,14 +280,26 @@ def set_alias(db_session: Session, *, model: Model, alias: str, number: int, act
 
 def purgeable_versions(db_session: Session, *, model: Model) -> list[ModelVersion]:
     """Versions whose weights must go: superseded ones that predate a completed erasure and
-    rejected candidates, once the policy's grace period has passed."""
-    grace = timedelta(days=policy_of(model).grace_days)
-    cutoff = utcnow() - grace
+    rejected candidates, once the policy's grace period has passed, or sooner, once a request
+    whose data they hold is due: the grace period never outlasts a deadline."""
+    now = utcnow()
+    cutoff = now - timedelta(days=policy_of(model).grace_days)
     floor = erasure_floor(db_session, model=model)
-    superseded = (ModelVersion.status == VersionStatus.superseded.value) & (
-        ModelVersion.number < floor) & (ModelVersion.superseded_at <= cutoff)
+    erasing = aliased(ModelVersion)
+    # The earliest due date among the completed requests a version predates (it holds their
+    # data); NULL where it predates none.
+    held_due = (select(func.min(DeletionRequest.due_at))
+                .join(DeletionTarget, DeletionTarget.request_id == DeletionRequest.id)
+                .join(erasing, erasing.id == DeletionTarget.version_id)
+                .where(DeletionTarget.model_id == model.id,
+                       DeletionTarget.status == TargetStatus.completed.value,
+                       erasing.number > ModelVersion.number)
+                .correlate(ModelVersion).scalar_subquery())
+    holds_erased = ModelVersion.number < floor
+    superseded = (ModelVersion.status == VersionStatus.superseded.value) & holds_erased & (
+        (ModelVersion.superseded_at <= cutoff) | (held_due <= now))
     rejected = (ModelVersion.status == VersionStatus.rejected.value) & (
-        ModelVersion.created_at <= cutoff)
+        (ModelVersion.created_at <= cutoff) | (holds_erased & (held_due <= now)))
     return list(db_session.scalars(select(ModelVersion).where(
         ModelVersion.model_id == model.id, superseded | rejected).order_by(ModelVersion.number)))
 

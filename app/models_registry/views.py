@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.deps import ArtifactStoreDep, Operator, Reader, SessionDep, SettingsDep
 from app.core.errors import PROBLEM, Conflict, NotFound
+from app.core.fields import VersionNumber
 from app.models_registry import service
 from app.models_registry.models import (
     AliasRead,
@@ -96,7 +97,7 @@ def list_versions(name: str, db_session: SessionDep, principal: Reader) -> list[
 
 @router.get("/{name}/versions/{number}", response_model=VersionRead, summary="Get a version",
             responses={404: PROBLEM})
-def get_version(name: str, number: int, db_session: SessionDep, principal: Reader
+def get_version(name: str, number: VersionNumber, db_session: SessionDep, principal: Reader
                 ) -> VersionRead:
     model = service.get(db_session, name=name)
     return service.version_to_read(db_session,
@@ -108,7 +109,7 @@ def get_version(name: str, number: int, db_session: SessionDep, principal: Reade
             summary="Download a version's weights (safetensors)",
             responses={200: {"content": {"application/octet-stream": {}}}, 404: PROBLEM,
                        409: PROBLEM})
-def download_weights(name: str, number: int, db_session: SessionDep, principal: Operator,
+def download_weights(name: str, number: VersionNumber, db_session: SessionDep, principal: Operator,
                      store: ArtifactStoreDep) -> FileResponse:
     model = service.get(db_session, name=name)
     version = service.get_version(db_session, model=model, number=number)

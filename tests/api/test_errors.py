@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.core.config import Settings
 from app.main import create_app
+from tests.api.seed import seed_model
 
 
 def assert_problem(response, status: int) -> None:  # type: ignore[no-untyped-def]
@@ -114,6 +115,33 @@ def test_bad_query_parameters_are_422(client: TestClient, requester: dict[str, s
                               headers=requester), 422)
     assert_problem(client.get("/v1/deletion-requests",
                               params={"received_after": "yesterday"}, headers=requester), 422)
+
+
+def test_numbers_past_their_columns_range_are_422_naming_the_parameter(
+        client: TestClient, operator: dict[str, str], auditor: dict[str, str]) -> None:
+    # SQLite's driver raised OverflowError (a 500) past 2^63; PostgreSQL refused past the
+    # column's range. Both are now stopped at the door, on either database.
+    seed_model(client, operator, model="m")
+    past_64, past_32 = 2**63, 2**31
+    answers = {
+        ("path", "number"): [client.get(f"/v1/models/m/versions/{past_64}", headers=operator),
+                             client.get(f"/v1/models/m/versions/{past_32}", headers=operator),
+                             client.get(f"/v1/models/m/versions/{past_64}/weights",
+                                        headers=operator),
+                             client.get("/v1/models/m/versions/0", headers=operator)],
+        ("query", "after"): [client.get("/v1/audit", params={"after": past_64},
+                                        headers=auditor)],
+        ("body", "version"): [client.put("/v1/models/m/aliases/production",
+                                         json={"version": number}, headers=operator)
+                              for number in (past_64, past_32, 0)],
+    }
+    for loc, responses in answers.items():
+        for response in responses:
+            assert_problem(response, 422)
+            assert response.json()["errors"][0]["loc"] == list(loc), response.text
+    assert client.get("/v1/audit", params={"after": 2**63 - 1}, headers=auditor
+                      ).json()["items"] == []
+    assert_problem(client.get(f"/v1/models/m/versions/{past_32 - 1}", headers=operator), 404)
 
 
 def test_health_and_readiness(client: TestClient) -> None:

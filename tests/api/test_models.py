@@ -8,6 +8,7 @@ import json
 import pickle
 import struct
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,10 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from app.core.db import session_scope
-from app.requests.models import DeletionTarget
+from app.core.db import session_scope, utcnow
+from app.requests.models import DeletionRequest, DeletionTarget
 from tests.api.seed import MLP, seed_model
 from unlearning.architectures import build_model
 
@@ -170,6 +171,56 @@ def test_no_alias_may_point_before_a_completed_erasure(
     assert rollback.json()["erasure_version"] == 2
     assert client.put(f"/v1/models/{MODEL}/aliases/staging", json={"version": 1},
                       headers=operator).status_code == 409
+
+
+def test_weights_holding_erased_data_are_kept_for_the_grace_period_never_past_a_deadline(
+        client: TestClient, operator: dict[str, str], requester: dict[str, str], model: str,
+        tmp_path: Path) -> None:
+    from app.models_registry import service as registry
+    from app.models_registry.models import Model, ModelVersion
+
+    assert client.get(f"/v1/models/{MODEL}", headers=operator
+                      ).json()["policy"]["grace_days"] == 7
+    for seed in (1, 2):
+        upload(client, operator, weights_bytes(tmp_path, seed=seed))
+    client.put(f"/v1/models/{MODEL}/aliases/production", json={"version": 1}, headers=operator)
+    request_id = client.post("/v1/deletion-requests", json={"kind": "subject",
+                                                             "subject_ref": "customer-1"},
+                             headers=requester).json()["id"]
+    factory = client.app.state.sessionmaker  # type: ignore[attr-defined]
+
+    def purgeable(**changes: Any) -> list[int]:
+        """Version numbers the purge would take, after ``changes`` (column -> value) to the
+        model, version 1 or the request."""
+        with session_scope(factory) as db_session:
+            for table, where in ((Model, Model.name == MODEL),
+                                 (ModelVersion, ModelVersion.number == 1),
+                                 (DeletionRequest, DeletionRequest.id == request_id)):
+                values = {k: v for k, v in changes.items() if hasattr(table, k)}
+                if values:
+                    db_session.execute(update(table).where(where).values(**values))
+            found = registry.purgeable_versions(db_session,
+                                                model=registry.get(db_session, name=MODEL))
+            return [v.number for v in found]
+
+    with session_scope(factory) as db_session:  # what a publish records: erased in version 2
+        version_id = db_session.scalar(select(ModelVersion.id).where(ModelVersion.number == 2))
+        db_session.execute(update(DeletionTarget).where(DeletionTarget.request_id == request_id)
+                           .values(status="completed", version_id=version_id))
+    client.put(f"/v1/models/{MODEL}/aliases/production", json={"version": 2}, headers=operator)
+    now = utcnow()
+    assert purgeable() == []  # superseded a moment ago: kept to compare
+    assert purgeable(superseded_at=now - timedelta(days=8)) == [1]  # the grace period is over
+    # Within the grace period, but the request whose data version 1 holds is due: it goes.
+    assert purgeable(superseded_at=now, due_at=now + timedelta(days=1)) == []
+    assert purgeable(due_at=now - timedelta(minutes=1)) == [1]
+    policy = client.get(f"/v1/models/{MODEL}", headers=operator).json()["policy"]
+    stored = {k: v for k, v in policy.items() if k != "grace_days"}
+    assert purgeable(due_at=now + timedelta(days=30), policy={**stored, "grace_days": 0}) == [1]
+    # A policy stored before the field existed reads the default.
+    assert purgeable(policy=stored) == []
+    assert client.get(f"/v1/models/{MODEL}", headers=operator
+                      ).json()["policy"]["grace_days"] == 7
 
 
 def test_predict_answers_with_the_production_version_and_swaps_on_publish(

@@ -135,7 +135,7 @@ def check_published_once(database_url: str, data_dir: Path, ids: list[str]) -> N
         statuses = dict(connection.execute(text(
             "SELECT id, status FROM deletion_requests")).all())
     engine.dispose()
-    # The base is superseded, and purged at once (the policy's grace period is 0 days).
+    # The base is superseded, and purged at once (FAST_POLICY's grace period is 0 days).
     assert [(n, s) for n, s, _, _ in versions] == [(1, "purged"), (2, "published")]
     recorded = {uri: sha for _, status, uri, sha in versions if uri and status != "purged"}
     on_disk = final_files(data_dir)

@@ -111,6 +111,9 @@ FAST_POLICY: dict[str, Any] = {
     "verification": NO_REFERENCES,
     "batching": {"max_batch": 50, "max_wait_seconds": 0},
     "training_recipe": ORIGINAL_RECIPE.to_dict(),
+    # The purge tests (here and in tests/reliability) expect weights holding erased data to go
+    # at the first maintenance pass, not after the default 7 days.
+    "grace_days": 0,
 }
 
 
