@@ -35,7 +35,7 @@ from unlearning.data.store import (
 
 Shape = tuple[int, int, int]
 # Open shards a manifest check keeps at once (each is a header and two memory maps).
-OPEN_SHARDS = 64
+OPEN_SHARDS = 16
 
 
 def dataset_root(dataset_dir: Path, dataset: Dataset) -> Path:
@@ -219,8 +219,12 @@ def check_shard(path: Path, *, shape: Shape | None, limit: ClassLimit | None) ->
                             f"{_shape_text(y.shape)}")
     if x.shape[0] == 0:
         raise Unprocessable("the shard holds no rows")
-    if len(reader.keys) != x.shape[0] or len(set(reader.keys)) != len(reader.keys) or not all(
-            isinstance(k, str) and 0 < len(k) <= 256 for k in reader.keys):
+    try:
+        keys = reader.keys
+    except StoreError:
+        keys = []
+    if len(keys) != x.shape[0] or len(set(map(str, keys))) != len(keys) or not all(
+            isinstance(k, str) and 0 < len(k) <= 256 for k in keys):
         raise Unprocessable(f"the header metadata `keys` must be a JSON list of {x.shape[0]} "
                             "distinct, non-empty strings (at most 256 characters), one per row")
     if shape is not None and reader.sample_shape != shape:

@@ -27,6 +27,7 @@ from tests.api.seed import MLP, jsonl
 from tests.reliability.deploy import SMALL_MODEL, make_keys, seed_small_model
 from tests.worker.services import Services
 from unlearning.architectures import build_model
+from unlearning.data.store import write_shard
 
 pytestmark = [pytest.mark.reliability, pytest.mark.postgres, pytest.mark.slow]
 
@@ -127,10 +128,22 @@ def million_rows() -> Iterator[bytes]:
     yield "".join(lines).encode()
 
 
+def write_million_shards(store: Path) -> None:
+    """The shards the million rows point into (each row is checked against its shard)."""
+    per_shard = 10_000
+    for shard in range(MANIFEST_ROWS // per_shard):
+        first = shard * per_shard
+        write_shard(store / f"shard-{shard:03d}.safetensors",
+                    torch.zeros(per_shard, 1, 8, 8, dtype=torch.uint8),
+                    torch.arange(first, first + per_shard) % 10,
+                    [f"m-{n:07d}" for n in range(first, first + per_shard)])
+
+
 def test_a_million_row_manifest_streams_in_with_bounded_server_memory(server: Server) -> None:
     api = server.api
     assert api.post("/v1/datasets", json={"name": "million"},
                     headers=server.operator).status_code == 201
+    write_million_shards(server.data_dir / "datasets" / "million")
     body_bytes = sum(len(chunk) for chunk in million_rows())
     server.reset_peak_rss()
     before = server.peak_rss()

@@ -15,6 +15,7 @@ shard atomically, so erased data is gone from the file, not merely unlisted.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -132,11 +133,14 @@ class ShardReader:
         self.path = path
         try:
             header_len, header, metadata = self._header(path)
-            self.keys: list[str] = json.loads(metadata.get("keys", "[]"))
+            # parsed when first asked for: a shard's keys can be megabytes of strings, and a
+            # manifest check opens many shards without needing them
+            self._keys_json = metadata.get("keys", "[]")
+            if not isinstance(self._keys_json, str):
+                raise StoreError(f"{path.name}: malformed `keys` metadata")
             self.wiped_rows: set[int] = set(json.loads(metadata.get("wiped_rows", "[]")))
-            if not isinstance(self.keys, list) or not all(isinstance(r, int)
-                                                          for r in self.wiped_rows):
-                raise StoreError(f"{path.name}: malformed `keys` or `wiped_rows` metadata")
+            if not all(isinstance(r, int) for r in self.wiped_rows):
+                raise StoreError(f"{path.name}: malformed `wiped_rows` metadata")
             self.arrays: dict[str, np.ndarray] = {}
             for name, info in header.items():
                 self.arrays[name] = self._map(path, name, info, 8 + header_len)
@@ -179,6 +183,17 @@ class ShardReader:
         if end == start:
             return np.zeros(shape, dtype=dtype)
         return np.memmap(path, dtype=dtype, mode="r", offset=data_start + start, shape=shape)
+
+    @functools.cached_property
+    def keys(self) -> list[str]:
+        """The rows' sample keys (StoreError when the metadata is not a JSON list)."""
+        try:
+            keys = json.loads(self._keys_json)
+        except (ValueError, RecursionError):
+            keys = None
+        if not isinstance(keys, list):
+            raise StoreError(f"{self.path.name}: `keys` metadata is not a JSON list")
+        return keys
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
