@@ -9,6 +9,8 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from app.datasets import service as datasets
 from app.datasets.models import Dataset, Sample
 from app.jobs import service as jobs
 from app.jobs.models import UnlearningJob
+from app.models_registry.artifacts import StagedArtifact
 from app.models_registry.models import Model, ModelVersion, Policy
 from app.observability.request_id import request_id_context
 from app.references import service as references
@@ -74,37 +77,44 @@ class JobData:
 
 def run(ctx: WorkerContext, job_id: str, *, task_id: str | None = None) -> str:
     """Run one delivery of a job; returns what happened: `skipped`, `published`,
-    `unchanged`, `failed`, `requeued` or `duplicate`."""
+    `unchanged`, `failed`, `requeued` or `superseded` (the job was taken from this delivery
+    while it ran, so it wrote nothing more)."""
     with ctx.session() as db_session:
         job = jobs.claim(db_session, job_id=job_id, worker_host=ctx.hostname, task_id=task_id,
                          heartbeat_timeout=ctx.settings.heartbeat_timeout_seconds)
     if job is None:
         return "skipped"
-    log.info("job %s: delivery %d on %s", job_id, job.attempt, ctx.hostname)
-    log_per_request(ctx, job_id, "taken up by job %s (delivery %d)", job_id, job.attempt)
+    attempt = job.attempt  # the fencing token: every write below carries it
+    log.info("job %s: delivery %d on %s", job_id, attempt, ctx.hostname)
+    log_per_request(ctx, job_id, "taken up by job %s (delivery %d)", job_id, attempt)
     with Heartbeat(ctx, f"job {job_id}", lambda db_session: jobs.heartbeat(
-            db_session, job_id=job_id), every=ctx.settings.heartbeat_seconds):
-        outcome = _deliver(ctx, job_id)
+            db_session, job_id=job_id, attempt=attempt), every=ctx.settings.heartbeat_seconds):
+        outcome = _deliver(ctx, job_id, attempt)
     log_per_request(ctx, job_id, "job %s ended: %s", job_id, outcome)
     return outcome
 
 
-def _deliver(ctx: WorkerContext, job_id: str) -> str:
+def _deliver(ctx: WorkerContext, job_id: str, attempt: int) -> str:
     try:
-        return _execute(ctx, job_id)
-    except jobs.PublishConflict as conflict:
-        if not conflict.retry:
-            return "duplicate"
-        with ctx.session() as db_session:
-            jobs.requeue(db_session, job_id=job_id, reason=str(conflict))
-        return "requeued"
-    except Exception as error:  # the job fails with the reason; an operator may retry
-        log.exception("job %s failed", job_id)
-        with ctx.session() as db_session:
-            failed = db_session.get(UnlearningJob, job_id)
-            if failed is not None and failed.status in jobs.RUNNING:
-                jobs.fail(db_session, failed, reason=f"{type(error).__name__}: {error}")
-        return "failed"
+        try:
+            return _execute(ctx, job_id, attempt)
+        except jobs.StaleAttempt:
+            raise
+        except jobs.PublishConflict as conflict:  # the base changed: run again on the new one
+            with ctx.session() as db_session:
+                jobs.requeue(db_session, job_id=job_id, attempt=attempt, reason=str(conflict))
+            return "requeued"
+        except Exception as error:  # the job fails with the reason; an operator may retry
+            log.exception("job %s failed", job_id)
+            with ctx.session() as db_session:
+                jobs.fail(db_session, job_id=job_id, attempt=attempt,
+                          reason=f"{type(error).__name__}: {error}")
+            return "failed"
+    except jobs.StaleAttempt as stale:
+        # Fenced: the sweeper gave the job to another delivery while this worker was out of
+        # reach (or it ended). Nothing of this delivery's is recorded; it just stops.
+        log.warning("job %s: delivery %d stops without writing: %s", job_id, attempt, stale)
+        return "superseded"
 
 
 def log_per_request(ctx: WorkerContext, job_id: str, message: str, *args: object) -> None:
@@ -117,7 +127,7 @@ def log_per_request(ctx: WorkerContext, job_id: str, message: str, *args: object
             log.info("deletion request %s: " + message, request_id, *args)
 
 
-def _execute(ctx: WorkerContext, job_id: str) -> str:
+def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
     with ctx.session() as db_session:
         job, model, base, dataset = _rows(db_session, job_id)
         policy = Policy.model_validate(model.policy)
@@ -133,8 +143,9 @@ def _execute(ctx: WorkerContext, job_id: str) -> str:
                                      per_sample_note="no training sample of the model is "
                                                      "covered: nothing to unlearn or test")
         with ctx.session() as db_session:
-            jobs.complete_unchanged(db_session, job_id=job_id, signer=ctx.signer,
-                                    forgotten=data.forgotten, report=nothing.to_dict())
+            jobs.complete_unchanged(db_session, job_id=job_id, attempt=attempt,
+                                    signer=ctx.signer, forgotten=data.forgotten,
+                                    report=nothing.to_dict())
         return "unchanged"
     base_model = load_weights(build_model(architecture), base_path)
     parent_tensors = tensor_sha256(base_model)
@@ -142,14 +153,14 @@ def _execute(ctx: WorkerContext, job_id: str) -> str:
     seed = int(hashlib.sha256(job_id.encode()).hexdigest()[:8], 16)
     while True:
         method_name, config = method_for(policy, level)
-        progress = ProgressWriter(ctx, job_id, prefix=f"{method_name}: ")
+        progress = ProgressWriter(ctx, job_id, attempt, prefix=f"{method_name}: ")
         result = get_method(method_name).unlearn(
             base_model, retain=data.retain, forget=data.forget, reference=data.reference,
             original_recipe=Recipe(**policy.training_recipe), scenario=data.scenario,
             config=config, device=device, seed=seed, progress=progress,
             cancel=CancelCheck(ctx, job_id))
         with ctx.session() as db_session:
-            jobs.begin_verification(db_session, _job(db_session, job_id))
+            jobs.begin_verification(db_session, job_id=job_id, attempt=attempt)
         retain_check = data.retain.sample(RETAIN_CHECK_SAMPLES, torch.Generator().manual_seed(seed))
         report = build_verification_report(
             result.model, base_model, forget=data.forget, holdout=data.audit, test=data.test,
@@ -165,26 +176,41 @@ def _execute(ctx: WorkerContext, job_id: str) -> str:
                                             "lethe.scenario": scenario_key})
         stored = report.to_dict()
         if report.passed:
-            with ctx.session() as db_session:
-                version = jobs.publish(db_session, job_id=job_id, staged=staged,
-                                       store=ctx.artifacts, signer=ctx.signer, report=stored,
-                                       metrics=stored["summary"], forgotten=data.forgotten)
+            with ctx.session() as db_session, _discarded_if_refused(ctx, staged):
+                version = jobs.publish(db_session, job_id=job_id, attempt=attempt,
+                                       staged=staged, store=ctx.artifacts, signer=ctx.signer,
+                                       report=stored, metrics=stored["summary"],
+                                       forgotten=data.forgotten)
             log.info("job %s: published version %d", job_id, version.number)
             return "published"
         with ctx.session() as db_session:
-            jobs.reject_candidate(db_session, _job(db_session, job_id), staged=staged,
-                                  store=ctx.artifacts, report=stored, metrics=stored["summary"])
+            with _discarded_if_refused(ctx, staged):
+                jobs.reject_candidate(db_session, job_id=job_id, attempt=attempt,
+                                      staged=staged, store=ctx.artifacts, report=stored,
+                                      metrics=stored["summary"])
             next_level = jobs.next_escalation(policy, level)
             if next_level is None:
-                jobs.fail(db_session, _job(db_session, job_id), report=stored,
+                jobs.fail(db_session, job_id=job_id, attempt=attempt, report=stored,
                           reason="verification failed: " + "; ".join(report.reasons),
                           request_reasons={
                               request_id: "verification failed: "
                               + "; ".join(report.reasons_for(request_id))
                               for request_id in set(data.forgotten.values())})
                 return "failed"
-            jobs.escalate(db_session, _job(db_session, job_id), level=next_level, report=stored)
+            jobs.escalate(db_session, job_id=job_id, attempt=attempt, level=next_level,
+                          report=stored)
         level = next_level
+
+
+@contextmanager
+def _discarded_if_refused(ctx: WorkerContext, staged: StagedArtifact) -> Iterator[None]:
+    """A candidate the job service refuses to record (this delivery was superseded, or the
+    base version changed) is nobody's: its staged weights are deleted at once."""
+    try:
+        yield
+    except jobs.PublishConflict:
+        ctx.artifacts.discard(staged)
+        raise
 
 
 def _job(db_session: Session, job_id: str) -> UnlearningJob:
@@ -310,10 +336,12 @@ def _jsonable(value: Any) -> Any:
 
 class ProgressWriter:
     """The method's progress callback: writes phase, step and metrics to the job row at most
-    once a second (which also counts as a heartbeat)."""
+    once a second (which also counts as a heartbeat), as the delivery that claimed
+    ``attempt``; raises `StaleAttempt` into the method once the job is no longer its."""
 
-    def __init__(self, ctx: WorkerContext, job_id: str, *, prefix: str = "") -> None:
-        self.ctx, self.job_id, self.prefix = ctx, job_id, prefix
+    def __init__(self, ctx: WorkerContext, job_id: str, attempt: int, *, prefix: str = ""
+                 ) -> None:
+        self.ctx, self.job_id, self.attempt, self.prefix = ctx, job_id, attempt, prefix
         self._last = 0.0
 
     def __call__(self, phase: str, step: int, total: int, metrics: dict[str, float]) -> None:
@@ -322,8 +350,12 @@ class ProgressWriter:
             return
         self._last = now
         with self.ctx.session() as db_session:
-            jobs.report_progress(db_session, job_id=self.job_id, phase=self.prefix + phase,
-                                 step=step, total=total, metrics=_jsonable(metrics))
+            written = jobs.report_progress(db_session, job_id=self.job_id, attempt=self.attempt,
+                                           phase=self.prefix + phase, step=step, total=total,
+                                           metrics=_jsonable(metrics))
+        if not written:  # the job was taken from this delivery: stop computing for nothing
+            raise jobs.StaleAttempt(self.job_id, self.attempt,
+                                    now="its progress write matched no running delivery")
 
 
 class CancelCheck:

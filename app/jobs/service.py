@@ -1,10 +1,12 @@
 """Unlearning jobs: batching queued targets, claiming a delivery, progress, escalation,
 failure and the publish transaction. Celery tasks call these; the rules live here.
 
-Exactly-once publishing rests on two things: a job row is claimed under a row lock (a second
+Exactly-once publishing rests on three things: a job row is claimed under a row lock (a second
 delivery of a running job with a fresh heartbeat backs off; a finished job is never run
-again), and publish re-checks the job's status under the same lock inside the transaction
-that creates the version, moves the alias and completes the targets."""
+again); every write a delivery makes afterwards is fenced by the attempt number it claimed
+(`_owned_by`), so a worker the sweeper gave up on (crashed, or cut off from the database and
+back later) can no longer touch the job; and publish re-checks both under the same lock inside
+the transaction that creates the version, moves the alias and completes the targets."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -43,12 +45,23 @@ ESCALATION_NAMES = {0: "policy method", 1: "stronger settings", 2: "exact retrai
 
 
 class PublishConflict(Exception):
-    """The job can no longer publish: it finished already (a duplicate delivery; ``retry``
-    False), or its base version was replaced while it ran (``retry`` True)."""
+    """The job can no longer publish: this delivery no longer owns it (`StaleAttempt`;
+    ``retry`` False), or its base version was replaced while it ran (``retry`` True)."""
 
     def __init__(self, message: str, *, retry: bool) -> None:
         super().__init__(message)
         self.retry = retry
+
+
+class StaleAttempt(PublishConflict):
+    """Fenced: the job no longer runs under the attempt this delivery claimed. It finished,
+    or the sweeper requeued it after this worker's heartbeat stopped (a crash, or a network
+    partition the worker came back from) and another delivery may own it now. Every write of
+    the stale delivery is refused; it must stop without touching the job."""
+
+    def __init__(self, job_id: str, attempt: int, *, now: str) -> None:
+        super().__init__(f"job {job_id} is no longer delivery {attempt}'s: {now}", retry=False)
+        self.job_id, self.attempt = job_id, attempt
 
 
 def _job_event(db_session: Session, job: UnlearningJob, what: str, **details: Any) -> None:
@@ -59,6 +72,35 @@ def _job_event(db_session: Session, job: UnlearningJob, what: str, **details: An
 def _lock(db_session: Session, job_id: str) -> UnlearningJob | None:
     return db_session.scalar(select(UnlearningJob).where(UnlearningJob.id == job_id)
                              .with_for_update())
+
+
+def _owned_by(job_id: str, attempt: int) -> ColumnElement[bool]:
+    """The fencing rule: a delivery may write to its job only while the job still runs under
+    the attempt number that delivery claimed. Once the sweeper has requeued the job (and a
+    later claim has counted it up), the old delivery's writes match no row."""
+    return and_(UnlearningJob.id == job_id, UnlearningJob.attempt == attempt,
+                UnlearningJob.status.in_(RUNNING))
+
+
+def _lock_delivery(db_session: Session, job_id: str, attempt: int, *, write: str
+                   ) -> UnlearningJob:
+    """The job, row-locked for ``write`` by the delivery that claimed ``attempt``; when that
+    delivery no longer owns it, the refusal is audited and `StaleAttempt` raised."""
+    job = db_session.scalar(select(UnlearningJob).where(_owned_by(job_id, attempt))
+                            .with_for_update().execution_options(populate_existing=True))
+    if job is not None:
+        return job
+    db_session.rollback()
+    current = db_session.get(UnlearningJob, job_id)
+    if current is None:
+        raise StaleAttempt(job_id, attempt, now="the job is gone")
+    stale = StaleAttempt(job_id, attempt, now=f"it is {current.status} as delivery "
+                                              f"{current.attempt} on {current.worker_host}")
+    _job_event(db_session, current, "stale_write_refused", write=write, attempt=attempt,
+               current_attempt=current.attempt, status=current.status)
+    db_session.commit()
+    log.warning("refused %s: %s", write, stale)
+    raise stale
 
 
 def targets_of(db_session: Session, job_id: str) -> list[DeletionTarget]:
@@ -207,8 +249,8 @@ def claim(db_session: Session, *, job_id: str, worker_host: str, task_id: str | 
     assert model is not None
     policy = Policy.model_validate(model.policy)
     if job.attempt >= policy.max_attempts:
-        fail(db_session, job, reason=f"gave up after {job.attempt} deliveries "
-                                     "(the worker was lost each time)")
+        _fail(db_session, job, reason=f"gave up after {job.attempt} deliveries "
+                                      "(the worker was lost each time)")
         return None
     request_ids = _move_targets(db_session, job, from_=[TargetStatus.queued.value,
                                                         TargetStatus.processing.value,
@@ -221,7 +263,7 @@ def claim(db_session: Session, *, job_id: str, worker_host: str, task_id: str | 
         return None
     base = registry.alias_target(db_session, model=model)
     if base is None:
-        fail(db_session, job, reason="the model has no production version")
+        _fail(db_session, job, reason="the model has no production version")
         return None
     job.attempt += 1
     job.status, job.phase = JobStatus.running.value, "starting"
@@ -236,24 +278,28 @@ def claim(db_session: Session, *, job_id: str, worker_host: str, task_id: str | 
     return job
 
 
-def heartbeat(db_session: Session, *, job_id: str) -> None:
-    db_session.execute(update(UnlearningJob)
-                       .where(UnlearningJob.id == job_id, UnlearningJob.status.in_(RUNNING))
-                       .values(heartbeat_at=utcnow())
-                       .execution_options(synchronize_session=False))
+def heartbeat(db_session: Session, *, job_id: str, attempt: int) -> bool:
+    """Refresh the delivery's heartbeat; False (nothing written) when ``attempt`` no longer
+    owns the job."""
+    beat = db_session.execute(update(UnlearningJob).where(_owned_by(job_id, attempt))
+                              .values(heartbeat_at=utcnow())
+                              .execution_options(synchronize_session=False))
     db_session.commit()
+    return bool(beat.rowcount)
 
 
-def report_progress(db_session: Session, *, job_id: str, phase: str, step: int, total: int,
-                    metrics: dict[str, Any]) -> None:
+def report_progress(db_session: Session, *, job_id: str, attempt: int, phase: str, step: int,
+                    total: int, metrics: dict[str, Any]) -> bool:
+    """Write the delivery's progress (a heartbeat too); False (nothing written) when
+    ``attempt`` no longer owns the job."""
     percent = 100.0 * step / total if total else 0.0
-    db_session.execute(update(UnlearningJob)
-                       .where(UnlearningJob.id == job_id, UnlearningJob.status.in_(RUNNING))
-                       .values(phase=phase, step=step, total_steps=total,
-                               percent=min(percent, 100.0), metrics=metrics,
-                               heartbeat_at=utcnow())
-                       .execution_options(synchronize_session=False))
+    written = db_session.execute(update(UnlearningJob).where(_owned_by(job_id, attempt))
+                                 .values(phase=phase, step=step, total_steps=total,
+                                         percent=min(percent, 100.0), metrics=metrics,
+                                         heartbeat_at=utcnow())
+                                 .execution_options(synchronize_session=False))
     db_session.commit()
+    return bool(written.rowcount)
 
 
 def is_canceled(db_session: Session, *, job_id: str) -> bool:
@@ -262,7 +308,8 @@ def is_canceled(db_session: Session, *, job_id: str) -> bool:
     return status == JobStatus.canceled.value
 
 
-def begin_verification(db_session: Session, job: UnlearningJob) -> None:
+def begin_verification(db_session: Session, *, job_id: str, attempt: int) -> None:
+    job = _lock_delivery(db_session, job_id, attempt, write="begin_verification")
     job.status, job.phase = JobStatus.verifying.value, "verifying"
     request_ids = _move_targets(db_session, job, from_=[TargetStatus.processing.value],
                                 to=TargetStatus.verifying)
@@ -280,10 +327,11 @@ def next_escalation(policy: Policy, level: int) -> int | None:
 
 
 def reject_candidate(
-    db_session: Session, job: UnlearningJob, *, staged: StagedArtifact, store: ArtifactStore,
-    report: dict[str, Any], metrics: dict[str, Any],
+    db_session: Session, *, job_id: str, attempt: int, staged: StagedArtifact,
+    store: ArtifactStore, report: dict[str, Any], metrics: dict[str, Any],
 ) -> ModelVersion:
     """Record a candidate that failed verification: stored as `rejected`, never served."""
+    job = _lock_delivery(db_session, job_id, attempt, write="reject_candidate")
     model = db_session.get(Model, job.model_id)
     assert model is not None
     base = db_session.get(ModelVersion, job.base_version_id)
@@ -296,8 +344,9 @@ def reject_candidate(
     return version
 
 
-def escalate(db_session: Session, job: UnlearningJob, *, level: int, report: dict[str, Any]
-             ) -> None:
+def escalate(db_session: Session, *, job_id: str, attempt: int, level: int,
+             report: dict[str, Any]) -> None:
+    job = _lock_delivery(db_session, job_id, attempt, write="escalate")
     previous = job.escalation_level
     job.escalation_level, job.status, job.phase = level, JobStatus.running.value, "escalating"
     job.report = report
@@ -309,12 +358,20 @@ def escalate(db_session: Session, job: UnlearningJob, *, level: int, report: dic
     db_session.commit()
 
 
-def fail(db_session: Session, job: UnlearningJob, *, reason: str,
+def fail(db_session: Session, *, job_id: str, attempt: int, reason: str,
          report: dict[str, Any] | None = None,
          request_reasons: dict[str, str] | None = None) -> None:
-    """End the job as failed; its targets fail with the reason (an operator may retry).
-    ``request_reasons``: the reason each request's targets show instead, so a requester reads
-    its own request's failures and never another client's request ids."""
+    """The delivery that claimed ``attempt`` ends the job as failed; its targets fail with
+    the reason (an operator may retry). ``request_reasons``: the reason each request's
+    targets show instead, so a requester reads its own request's failures and never another
+    client's request ids."""
+    job = _lock_delivery(db_session, job_id, attempt, write="fail")
+    _fail(db_session, job, reason=reason, report=report, request_reasons=request_reasons)
+
+
+def _fail(db_session: Session, job: UnlearningJob, *, reason: str,
+          report: dict[str, Any] | None = None,
+          request_reasons: dict[str, str] | None = None) -> None:
     job.status, job.finished_at, job.failure_reason = JobStatus.failed.value, utcnow(), reason
     if report is not None:
         job.report = report
@@ -333,15 +390,17 @@ def fail(db_session: Session, job: UnlearningJob, *, reason: str,
 
 
 def publish(
-    db_session: Session, *, job_id: str, staged: StagedArtifact, store: ArtifactStore,
-    signer: Signer, report: dict[str, Any], metrics: dict[str, Any],
+    db_session: Session, *, job_id: str, attempt: int, staged: StagedArtifact,
+    store: ArtifactStore, signer: Signer, report: dict[str, Any], metrics: dict[str, Any],
     forgotten: dict[int, str],
 ) -> ModelVersion:
     """One transaction: the version, `production` moved to it (the base superseded), targets
     completed, samples tombstoned, certificates issued, audit events, the job succeeded.
+    Only the delivery that owns the job (``attempt``) may publish; a stale one gets
+    `StaleAttempt` and ``staged`` is left for it to discard.
 
     ``forgotten`` maps each forgotten sample id to the request that asked for it."""
-    job, model, base = _lock_for_completion(db_session, job_id)
+    job, model, base = _lock_for_completion(db_session, job_id, attempt, write="publish")
     job.status, job.phase = JobStatus.publishing.value, "publishing"
     version = registry.add_version(db_session, model=model, staged=staged, store=store,
                                    actor=SYSTEM, parent=base, job_id=job.id, metrics=metrics,
@@ -352,22 +411,20 @@ def publish(
     return version
 
 
-def complete_unchanged(db_session: Session, *, job_id: str, signer: Signer,
+def complete_unchanged(db_session: Session, *, job_id: str, attempt: int, signer: Signer,
                        report: dict[str, Any], forgotten: dict[int, str]) -> ModelVersion:
     """Complete a job whose requests cover no training sample of the model (a subject's
     holdout or test images, say): the served version never saw them, so it stands as the
     version of record; the samples are still tombstoned and wiped."""
-    job, _, base = _lock_for_completion(db_session, job_id)
+    job, _, base = _lock_for_completion(db_session, job_id, attempt,
+                                        write="complete_unchanged")
     _complete(db_session, job, base, forgotten=forgotten, signer=signer, report=report)
     return base
 
 
-def _lock_for_completion(db_session: Session, job_id: str
+def _lock_for_completion(db_session: Session, job_id: str, attempt: int, *, write: str
                          ) -> tuple[UnlearningJob, Model, ModelVersion]:
-    job = _lock(db_session, job_id)
-    if job is None or job.status not in RUNNING:
-        db_session.rollback()
-        raise PublishConflict(f"job {job_id} is {job.status if job else 'gone'}", retry=False)
+    job = _lock_delivery(db_session, job_id, attempt, write=write)
     model = db_session.get(Model, job.model_id)
     base = db_session.get(ModelVersion, job.base_version_id)
     current = registry.alias_target(db_session, model=model) if model else None
@@ -398,16 +455,14 @@ def _complete(db_session: Session, job: UnlearningJob, version: ModelVersion, *,
     job.status, job.phase, job.percent = JobStatus.succeeded.value, "done", 100.0
     job.finished_at, job.report = now, report
     _job_event(db_session, job, "succeeded", version=version.number,
-               forgotten_samples=len(forgotten))
+               forgotten_samples=len(forgotten), attempt=job.attempt, worker=job.worker_host)
     db_session.commit()
 
 
-def requeue(db_session: Session, *, job_id: str, reason: str) -> None:
-    """Send a running job back to the queue (its base version changed under it)."""
-    job = _lock(db_session, job_id)
-    if job is None or job.status not in RUNNING:
-        db_session.rollback()
-        return
+def requeue(db_session: Session, *, job_id: str, attempt: int, reason: str) -> None:
+    """The delivery that owns the job sends it back to the queue (its base version changed
+    under it)."""
+    job = _lock_delivery(db_session, job_id, attempt, write="requeue")
     job.status, job.phase = JobStatus.queued.value, f"requeued: {reason}"
     _job_event(db_session, job, "requeued", reason=reason)
     db_session.commit()
@@ -435,7 +490,7 @@ def requeue_lost(db_session: Session, *, heartbeat_timeout: float) -> list[str]:
         model = db_session.get(Model, job.model_id)
         assert model is not None
         if job.attempt >= Policy.model_validate(model.policy).max_attempts:
-            fail(db_session, job, reason=f"worker lost on all {job.attempt} deliveries")
+            _fail(db_session, job, reason=f"worker lost on all {job.attempt} deliveries")
             continue
         job.status, job.phase = JobStatus.queued.value, "requeued: worker lost"
         _job_event(db_session, job, "requeued", attempt=job.attempt,

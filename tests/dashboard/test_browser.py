@@ -177,8 +177,8 @@ def test_a_running_job_page_refreshes_itself(tab: Page, live: tuple[LiveServer, 
     assert tab.page.locator("body").get_attribute("data-live") == "3"
     assert tab.page.locator("#job-progress .pct").inner_text() == "40 %"
     with session_scope(world.app.state.sessionmaker) as db_session:
-        jobs.report_progress(db_session, job_id=job_id, phase="match: epoch 5/5", step=85,
-                             total=100, metrics={"loss": 0.2})
+        jobs.report_progress(db_session, job_id=job_id, attempt=1, phase="match: epoch 5/5",
+                             step=85, total=100, metrics={"loss": 0.2})
     # No navigation: the poll swaps the live region in place.
     tab.page.wait_for_function(
         "() => document.querySelector('#job-progress .pct').textContent.trim() === '85 %'",
