@@ -32,11 +32,13 @@ from app.core.db import utcnow
 from app.core.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     NotFound,
     Problem,
     Unprocessable,
     UnstorableValue,
 )
+from app.core.fields import in_utc
 from app.core.security import subject_hash
 from app.datasets.models import Sample
 from app.models_registry.models import Model, ModelVersion, Policy
@@ -62,6 +64,9 @@ from app.webhooks import service as webhooks
 DEFAULT_DUE_DAYS = 30
 SCENARIO_OF_KIND = {RequestKind.subject: "subset", RequestKind.samples: "subset",
                     RequestKind.class_: "class", RequestKind.backdoor: "backdoor"}
+# Kinds that act on a model as a whole, and the roles that may always send them.
+SCENARIO_KINDS = {RequestKind.class_, RequestKind.backdoor}
+SCENARIO_ROLES = {Role.operator, Role.admin}
 # Open targets, least advanced first: a request is as far along as its slowest target.
 TARGET_PROGRESS = [TargetStatus.awaiting_approval, TargetStatus.queued, TargetStatus.processing,
                    TargetStatus.verifying]
@@ -126,12 +131,26 @@ def coverage(kind: RequestKind, subject: str | None, payload: dict[str, Any]
     return and_(held, Sample.sample_key.in_(payload["sample_keys"]))
 
 
-def _resolve(db_session: Session, body: AnyCreate, subject: str | None, client_id: str
+def _authorize_kind(principal: Principal, kind: RequestKind, model: ModelInScope) -> None:
+    """Forgetting a whole class or a backdoor changes what a model does for everyone, not
+    only for one data subject: such requests need an operator (or admin) key, or a policy
+    whose ``scenario_clients`` names the requester's client."""
+    if (kind not in SCENARIO_KINDS or principal.role in SCENARIO_ROLES
+            or principal.client_id in model.policy.scenario_clients):
+        return
+    raise Forbidden(
+        f"A {kind.value} request needs an operator key, or a policy on model {model.name!r} "
+        f"that names client {principal.client_id!r} in `scenario_clients`.",
+        model=model.name, rule="scenario_clients")
+
+
+def _resolve(db_session: Session, body: AnyCreate, subject: str | None, principal: Principal
              ) -> Resolution:
     """The models in scope with their policies, the samples each holds that the request
     covers and whether the client has webhooks to notify, in one query: intake is the hot
-    path, and every query is a round trip."""
-    kind, payload = RequestKind(body.kind), _payload(body)
+    path, and every query is a round trip. Refuses a kind the principal may not send for a
+    model it names or would reach."""
+    kind, payload, client_id = RequestKind(body.kind), _payload(body), principal.client_id
     held = (select(func.count()).where(Sample.dataset_id == Model.dataset_id,
                                        coverage(kind, subject, payload))
             .correlate(Model).scalar_subquery())
@@ -144,9 +163,13 @@ def _resolve(db_session: Session, body: AnyCreate, subject: str | None, client_i
         raise Unprocessable(f"Model {body.model!r} does not exist.")
     resolution = Resolution(subscribed=not rows or rows[0][5] > 0)
     for model_id, name, _, policy, count, _ in rows:
+        if not count and body.model is None:
+            continue  # neither named nor holding anything the request covers
+        in_scope = ModelInScope(name, Policy.model_validate(policy))
+        _authorize_kind(principal, kind, in_scope)
         if count:
             resolution.counts[model_id] = count
-            resolution.models[model_id] = ModelInScope(name, Policy.model_validate(policy))
+            resolution.models[model_id] = in_scope
     if isinstance(body, SamplesRequest | BackdoorRequest) and rows:
         datasets = {row.dataset_id for row in rows}
         found = set(db_session.scalars(select(Sample.sample_key).where(
@@ -158,16 +181,17 @@ def _resolve(db_session: Session, body: AnyCreate, subject: str | None, client_i
     return resolution
 
 
-def _resolve_many(db_session: Session, items: Sequence[tuple[AnyCreate, str | None, str]]
+def _resolve_many(db_session: Session,
+                  items: Sequence[tuple[AnyCreate, str | None, Principal]]
                   ) -> list[Resolution | Problem]:
-    """``_resolve`` for a batch of (body, subject hash, client) in a fixed number of queries:
+    """``_resolve`` for a batch of (body, subject hash, who) in a fixed number of queries:
     the models, the held samples of every subject in the batch per model, and which clients
     have webhooks. Subject requests are nearly all of intake; the other kinds (a sample list,
     a class, a backdoor) resolve one by one."""
     subjects = {subject for body, subject, _ in items if isinstance(body, SubjectRequest)}
     if not subjects:
-        return [_resolve_or_problem(db_session, body, subject, client)
-                for body, subject, client in items]
+        return [_resolve_or_problem(db_session, body, subject, principal)
+                for body, subject, principal in items]
     models = {row.id: row for row in db_session.execute(
         select(Model.id, Model.name, Model.dataset_id, Model.policy))}
     # Per dataset, not joined to the models: both lists are literal, so the lookup is the
@@ -183,18 +207,18 @@ def _resolve_many(db_session: Session, items: Sequence[tuple[AnyCreate, str | No
         for model in models.values():
             if model.dataset_id == dataset_id:
                 held.setdefault(subject, {})[model.id] = count
-    subscribed = webhooks.subscribed_clients(db_session, {client for _, _, client in items})
+    subscribed = webhooks.subscribed_clients(db_session, {p.client_id for _, _, p in items})
     names = {row.name for row in models.values()}
     policies: dict[int, Policy] = {}  # validated once per batch, for the models in scope
     resolutions: list[Resolution | Problem] = []
-    for body, subject, client in items:
+    for body, subject, principal in items:
         if not isinstance(body, SubjectRequest) or (body.model is not None
                                                     and body.model not in names):
             # An unknown model is answered as alone: it may also be a name the database
             # cannot even store.
-            resolutions.append(_resolve_or_problem(db_session, body, subject, client))
+            resolutions.append(_resolve_or_problem(db_session, body, subject, principal))
             continue
-        resolution = Resolution(subscribed=client in subscribed)
+        resolution = Resolution(subscribed=principal.client_id in subscribed)
         for model_id, count in held.get(subject or "", {}).items():
             model = models[model_id]
             if body.model is None or model.name == body.model:
@@ -207,9 +231,9 @@ def _resolve_many(db_session: Session, items: Sequence[tuple[AnyCreate, str | No
 
 
 def _resolve_or_problem(db_session: Session, body: AnyCreate, subject: str | None,
-                        client_id: str) -> Resolution | Problem:
+                        principal: Principal) -> Resolution | Problem:
     try:
-        return _resolve(db_session, body, subject, client_id)
+        return _resolve(db_session, body, subject, principal)
     except Problem as problem:
         return problem
 
@@ -308,7 +332,7 @@ def _submit_together(db_session: Session, submissions: Sequence[Submission], sec
 
     subjects = {i: _subject(submissions[i].body, secret_key) for i in fresh}
     resolutions = _resolve_many(db_session, [
-        (submissions[i].body, subjects[i], submissions[i].principal.client_id) for i in fresh])
+        (submissions[i].body, subjects[i], submissions[i].principal) for i in fresh])
     now = utcnow()
     written: dict[int, tuple[DeletionRequest, list[TargetRead]]] = {}
     for i, resolution in zip(fresh, resolutions, strict=True):
@@ -352,7 +376,7 @@ def _create(db_session: Session, submission: Submission, secret_key: bytes
     body_fingerprint = fingerprint(submission.body)
     try:
         subject = _subject(submission.body, secret_key)
-        resolution = _resolve(db_session, submission.body, subject, principal.client_id)
+        resolution = _resolve(db_session, submission.body, subject, principal)
         request, targets = _intake(db_session, submission, body_fingerprint, subject,
                                    resolution, utcnow())
         db_session.commit()
@@ -634,10 +658,15 @@ def encode_cursor(sort_value: datetime, request_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """A cursor as ``encode_cursor`` made it; anything else (a time without a zone included:
+    it was never one of ours) is a 400."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         value, request_id = json.loads(raw)
-        return datetime.fromisoformat(value), str(request_id)
+        sort_value = datetime.fromisoformat(value)
+        if sort_value.tzinfo is None or not isinstance(request_id, str):
+            raise ValueError("not a cursor this service made")
+        return in_utc(sort_value), request_id
     except (ValueError, TypeError) as exc:
         raise BadRequest("Malformed cursor.") from exc
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -59,12 +61,45 @@ def test_sample_request_reports_keys_it_could_not_find(
 
 
 def test_class_request_needs_an_existing_model(
-        client: TestClient, requester: dict[str, str], seeded: None) -> None:
-    ok = submit(client, requester, {"kind": "class", "class_label": 3, "model": "digits-mlp"})
+        client: TestClient, operator: dict[str, str], seeded: None) -> None:
+    ok = submit(client, operator, {"kind": "class", "class_label": 3, "model": "digits-mlp"})
     assert ok.json()["targets"][0]["scenario"] == "class:3"
-    missing = submit(client, requester, {"kind": "class", "class_label": 3, "model": "nope"})
+    missing = submit(client, operator, {"kind": "class", "class_label": 3, "model": "nope"})
     assert missing.status_code == 422
     assert missing.headers["content-type"] == "application/problem+json"
+
+
+SCENARIO_REQUESTS = [
+    {"kind": "class", "class_label": 3, "model": "digits-mlp"},
+    {"kind": "backdoor", "sample_keys": ["s-00001"], "model": "digits-mlp"},
+    {"kind": "backdoor", "sample_keys": ["s-00001"]},  # reaches the model holding the sample
+]
+
+
+@pytest.mark.parametrize("body", SCENARIO_REQUESTS, ids=["class", "backdoor", "backdoor-any"])
+def test_class_and_backdoor_requests_need_an_operator_or_a_policy_naming_the_client(
+        client: TestClient, requester: dict[str, str], operator: dict[str, str],
+        seeded: None, body: dict) -> None:  # type: ignore[type-arg]
+    refused = submit(client, requester, body)
+    assert refused.status_code == 403, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert problem["rule"] == "scenario_clients" and problem["model"] == "digits-mlp"
+    assert "operator key" in problem["detail"] and "'acme'" in problem["detail"]
+    bulk = client.post(f"{URL}:bulk", json={"requests": [
+        {"kind": "subject", "subject_ref": "customer-1"}, body]}, headers=requester).json()
+    assert len(bulk["succeeded"]) == 1
+    assert [(f["index"], f["status"]) for f in bulk["failed"]] == [(1, 403)]
+    assert "scenario_clients" in bulk["failed"][0]["detail"]
+    assert client.get(URL, params={"kind": body["kind"]}, headers=requester
+                      ).json()["items"] == []  # nothing was recorded
+
+    assert submit(client, operator, body).json()["status"] == "queued"
+    model = client.get("/v1/models/digits-mlp", headers=operator).json()
+    response = client.put("/v1/models/digits-mlp/policy", json={"policy": {
+        **model["policy"], "scenario_clients": ["acme"]}}, headers=operator)
+    assert response.status_code == 200, response.text
+    assert submit(client, requester, body).json()["status"] == "queued"
 
 
 def test_same_idempotency_key_and_body_returns_the_same_request(
@@ -221,6 +256,21 @@ def test_list_filters_sorts_and_paginates_with_a_cursor(
                       ).json()["items"] == []
     assert client.get(URL, params={"cursor": "not-a-cursor"}, headers=requester
                       ).status_code == 400
+
+
+def test_a_cursor_that_is_not_one_we_made_is_400(
+        client: TestClient, requester: dict[str, str], seeded: None) -> None:
+    def cursor(*parts: object) -> str:
+        return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode().rstrip("=")
+
+    for forged in (cursor("2030-01-01T00:00:00", "x"),  # no time zone
+                   cursor("2030-01-01T00:00:00+00:00", 7), cursor("garbage", "x"),
+                   cursor("2030-01-01T00:00:00+00:00"), cursor(None, "x"), "not-a-cursor"):
+        response = client.get(URL, params={"cursor": forged}, headers=requester)
+        assert response.status_code == 400, (forged, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+    ours = cursor("2030-01-01T00:00:00+02:00", "x")
+    assert client.get(URL, params={"cursor": ours}, headers=requester).status_code == 200
 
 
 def test_overdue_requests_are_flagged_and_filterable(
