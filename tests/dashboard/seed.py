@@ -190,9 +190,11 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
                      if not (split == "test" and i >= 10)]
             db_session.add_all(rows)
             # One request per job, so each job below carries exactly the request it is for.
+            # globex, a requester, may send the class request queued below.
             policy = Policy.model_validate({"verification": {"require_references": False},
                                             "batching": {"max_batch": 1},
-                                            "require_approval": name == "digits"})
+                                            "require_approval": name == "digits",
+                                            "scenario_clients": ["globex"]})
             architecture = ({"name": "cnn-small", "kwargs": {"in_channels": 1,
                                                              "num_classes": 10}}
                             if name == "fashion-mnist" else
@@ -213,13 +215,15 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
         failed = _submit(db_session, acme, secret_key,
                          SubjectRequest(kind="subject", subject_ref="customer-0", model=MODEL))
         job = _next_job(db_session)
-        jobs.report_progress(db_session, job_id=job.id, phase="match: epoch 5/5", step=100,
-                             total=100, metrics={"loss": 0.83, "forget_accuracy": 0.97})
-        jobs.begin_verification(db_session, job)
+        jobs.report_progress(db_session, job_id=job.id, attempt=job.attempt,
+                             phase="match: epoch 5/5", step=100, total=100,
+                             metrics={"loss": 0.83, "forget_accuracy": 0.97})
+        jobs.begin_verification(db_session, job_id=job.id, attempt=job.attempt)
         bad = report(passed=False, mia_accuracy=0.71, test_accuracy=0.905)
-        jobs.reject_candidate(db_session, job, staged=_staged(store), store=store, report=bad,
+        jobs.reject_candidate(db_session, job_id=job.id, attempt=job.attempt,
+                              staged=_staged(store), store=store, report=bad,
                               metrics=bad["summary"])
-        jobs.fail(db_session, job, report=bad,
+        jobs.fail(db_session, job_id=job.id, attempt=job.attempt, report=bad,
                   reason="verification failed: " + "; ".join(bad["reasons"]))
         seeded.requests["failed"], seeded.jobs["failed"] = failed.id, job.id
 
@@ -236,13 +240,14 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
             done = _submit(db_session, acme if label == "completed" else globex, secret_key,
                            SubjectRequest(kind="subject", subject_ref=subject, model=MODEL))
             job = _next_job(db_session)
-            jobs.report_progress(db_session, job_id=job.id, phase="match: epoch 5/5", step=100,
-                                 total=100, metrics={"loss": 0.35})
-            jobs.begin_verification(db_session, job)
+            jobs.report_progress(db_session, job_id=job.id, attempt=job.attempt,
+                                 phase="match: epoch 5/5", step=100, total=100,
+                                 metrics={"loss": 0.35})
+            jobs.begin_verification(db_session, job_id=job.id, attempt=job.attempt)
             good = evidence_report(mia_accuracy=mia, test_accuracy=test, request_id=done.id,
                                    reference_set=ready.id if ready else None)
-            jobs.publish(db_session, job_id=job.id, staged=_staged(store), store=store,
-                         signer=signer, report=good, metrics=good["summary"],
+            jobs.publish(db_session, job_id=job.id, attempt=job.attempt, staged=_staged(store),
+                         store=store, signer=signer, report=good, metrics=good["summary"],
                          forgotten=_forgotten(db_session, job.id))
             seeded.requests[label], seeded.jobs[label] = done.id, job.id
         # An operator's upload, newer than every erasure: production may move to it.
@@ -253,8 +258,9 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
         running = _submit(db_session, acme, secret_key,
                           SubjectRequest(kind="subject", subject_ref="customer-3", model=MODEL))
         job = _next_job(db_session)
-        jobs.report_progress(db_session, job_id=job.id, phase="match: epoch 2/5", step=40,
-                             total=100, metrics={"loss": 0.412, "forget_accuracy": 0.62})
+        jobs.report_progress(db_session, job_id=job.id, attempt=job.attempt,
+                             phase="match: epoch 2/5", step=40, total=100,
+                             metrics={"loss": 0.412, "forget_accuracy": 0.62})
         seeded.requests["processing"], seeded.jobs["running"] = running.id, job.id
 
         # Queued requests with deadlines in every colour band, one overdue.
