@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from unlearning.verification.report import (
 )
 from unlearning.weights import load_weights, save_weights, tensor_sha256
 from worker.context import WorkerContext
-from worker.shared import Heartbeat, load_tensors
+from worker.shared import Heartbeat, load_readable
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class JobData:
     forgotten: dict[int, str]  # every covered sample (any split) -> its request
     forget_ids: list[int]  # sample ids of `forget`, in order
     audit_ids: list[int]  # sample ids of `audit`, in order
+    # requests that need a sample the store cannot serve -> why; they fail, the rest go on
+    failed_requests: dict[str, str] = field(default_factory=dict)
+    unreadable: int = 0  # retain, holdout and test samples left out as unreadable
 
     @property
     def forget_requests(self) -> list[str]:
@@ -132,6 +135,10 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
         job, model, base, dataset = _rows(db_session, job_id)
         policy = Policy.model_validate(model.policy)
         data = load_job_data(db_session, ctx, job, dataset)
+        if data.failed_requests and not jobs.fail_requests(
+                db_session, job_id=job_id, attempt=attempt,
+                request_reasons=data.failed_requests):
+            return "failed"  # none of its requests could be served
         base_path = ctx.artifacts.path_of(base.artifact_uri or "")
         if ctx.artifacts.sha256_of(base.artifact_uri or "") != base.sha256:
             raise ArtifactCorrupted(f"{model.name} v{base.number}: sha256 mismatch")
@@ -261,41 +268,64 @@ def thresholds_for(policy: Policy) -> Thresholds:
 def load_job_data(db_session: Session, ctx: WorkerContext, job: UnlearningJob,
                   dataset: Dataset) -> JobData:
     """Resolve the batch's forget set (union of its requests, de-duplicated, already
-    forgotten samples skipped), the retain set and two disjoint unseen slices."""
-    forgotten: dict[int, str] = {}
-    covered: dict[int, Sample] = {}
+    forgotten samples skipped), the retain set and two disjoint unseen slices.
+
+    A sample the store can no longer serve (its file lost or damaged since upload) fails only
+    the requests that need it, named in ``failed_requests`` with the reason; their samples go
+    back to the retain set. An unreadable retain, holdout or test sample is left out."""
+    wanted: dict[str, list[Sample]] = {}  # request -> the samples it covers
     for target in jobs.targets_of(db_session, job.id):
         if target.status not in ("processing", "verifying"):
             continue
         request = db_session.get(DeletionRequest, target.request_id)
         assert request is not None
-        for sample in requests.samples_covered(db_session, request=request,
-                                               dataset_id=dataset.id):
-            forgotten.setdefault(sample.id, request.id)
-            covered[sample.id] = sample
+        wanted[request.id] = requests.samples_covered(db_session, request=request,
+                                                      dataset_id=dataset.id)
     root = ctx.settings.resolved_dataset_dir / dataset.store
+    candidates = list({s.id: s for samples in wanted.values() for s in samples
+                       if s.split == "train"}.values())
+    readable = load_readable(root, candidates)
+    failed_requests = {
+        request_id: "; ".join(f"sample {s.sample_key!r} cannot be read: {readable.broken[s.id]}"
+                              for s in samples if s.id in readable.broken)
+        for request_id, samples in wanted.items()
+        if any(s.id in readable.broken for s in samples)}
+    forgotten: dict[int, str] = {}
+    covered: set[int] = set()
+    for request_id, samples in wanted.items():
+        if request_id in failed_requests:
+            continue
+        for sample in samples:
+            forgotten.setdefault(sample.id, request_id)
+            covered.add(sample.id)
+    unreadable = 0
 
-    def tensors(samples: list[Sample]) -> SampleSet:
-        return load_tensors(root, samples)
+    def held(split: str) -> tuple[SampleSet, list[Sample]]:
+        nonlocal unreadable
+        loaded = load_readable(root, [
+            s for s in datasets.held_samples(db_session, dataset_id=dataset.id, split=split)
+            if s.id not in covered])
+        if loaded.broken:
+            unreadable += len(loaded.broken)
+            log.warning("job %s: %d %s samples cannot be read and are left out (first: %s)",
+                        job.id, len(loaded.broken), split, next(iter(loaded.broken.values())))
+        return loaded.samples, loaded.kept
 
-    def held(split: str) -> list[Sample]:
-        return [s for s in datasets.held_samples(db_session, dataset_id=dataset.id, split=split)
-                if s.id not in covered]
-
-    forget_rows = [s for s in covered.values() if s.split == "train"]
-    holdout_rows = held("holdout")
-    holdout = tensors(holdout_rows)
+    positions = [i for i, s in enumerate(readable.kept) if s.id in covered]
+    forget_rows = [readable.kept[i] for i in positions]
+    forget = readable.samples.subset(torch.tensor(positions, dtype=torch.long))
+    holdout, holdout_rows = held("holdout")
     generator = torch.Generator().manual_seed(int(hashlib.sha256(job.id.encode()).hexdigest()[:8],
                                                   16))
     order = torch.randperm(len(holdout), generator=generator)
     half = len(holdout) // 2
-    forget = tensors(forget_rows)
     return JobData(
-        forget=forget, retain=tensors(held("train")),
+        forget=forget, retain=held("train")[0],
         reference=holdout.subset(order[:half]), audit=holdout.subset(order[half:]),
-        test=tensors(held("test")), scenario=scenario_for(db_session, job, forget),
+        test=held("test")[0], scenario=scenario_for(db_session, job, forget),
         forgotten=forgotten, forget_ids=[s.id for s in forget_rows],
-        audit_ids=[holdout_rows[i].id for i in order[half:].tolist()])
+        audit_ids=[holdout_rows[i].id for i in order[half:].tolist()],
+        failed_requests=failed_requests, unreadable=unreadable)
 
 
 def scenario_for(db_session: Session, job: UnlearningJob, forget: SampleSet) -> Scenario:

@@ -19,7 +19,7 @@ from unlearning.runtime import resolve_device
 from unlearning.training import Recipe
 from unlearning.verification.references import ReferenceOutput, train_references
 from worker.context import WorkerContext
-from worker.shared import Heartbeat, load_tensors
+from worker.shared import Heartbeat, load_readable
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,19 @@ def build(ctx: WorkerContext, set_id: int) -> str:
         assert model is not None
         dataset = db_session.get(Dataset, model.dataset_id)
         assert dataset is not None
-        train_rows = datasets.held_samples(db_session, dataset_id=dataset.id, split="train")
-        holdout_rows = datasets.held_samples(db_session, dataset_id=dataset.id, split="holdout")
+        root = ctx.settings.resolved_dataset_dir / dataset.store
+        # a sample lost from the store since it was registered is left out (it will have no
+        # statistics, so a request for it is answered with the population test): one lost
+        # file must not hold every request of the model back
+        train = load_readable(root, datasets.held_samples(db_session, dataset_id=dataset.id,
+                                                          split="train"))
+        holdout_loaded = load_readable(root, datasets.held_samples(
+            db_session, dataset_id=dataset.id, split="holdout"))
+        unreadable = {**train.broken, **holdout_loaded.broken}
+        if unreadable:
+            log.warning("reference set %d: %d samples cannot be read and are left out (first: "
+                        "%s)", set_id, len(unreadable), next(iter(unreadable.values())))
+        train_rows, holdout_rows = train.kept, holdout_loaded.kept
         claimed = references.claim(db_session, set_id=set_id, worker_host=ctx.hostname,
                                    heartbeat_timeout=ctx.settings.heartbeat_timeout_seconds,
                                    n_train=len(train_rows), n_holdout=len(holdout_rows))
@@ -45,10 +56,9 @@ def build(ctx: WorkerContext, set_id: int) -> str:
         k, seed = claimed_set.n_references, claimed_set.seed
         policy = Policy.model_validate(model.policy)
         architecture, name = model.architecture, model.name
-        root = ctx.settings.resolved_dataset_dir / dataset.store
         train_ids = [s.id for s in train_rows]
         holdout_ids = [s.id for s in holdout_rows]
-        train_set, holdout = load_tensors(root, train_rows), load_tensors(root, holdout_rows)
+        train_set, holdout = train.samples, holdout_loaded.samples
     log.info("reference set %d of %s: %d models (%d stored already) on %d training samples",
              set_id, name, k, len(done), len(train_ids))
 

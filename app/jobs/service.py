@@ -369,6 +369,33 @@ def fail(db_session: Session, *, job_id: str, attempt: int, reason: str,
     _fail(db_session, job, reason=reason, report=report, request_reasons=request_reasons)
 
 
+def fail_requests(db_session: Session, *, job_id: str, attempt: int,
+                  request_reasons: dict[str, str]) -> bool:
+    """Fail some of the job's requests, each with its own reason, and go on with the others:
+    a request whose samples cannot be read (a file lost from the store after it was accepted)
+    must not hold back the rest of its batch. Returns whether the job goes on; it fails when
+    none of its requests is left."""
+    job = _lock_delivery(db_session, job_id, attempt, write="fail_requests")
+    now = utcnow()
+    touched = set()
+    for target in targets_of(db_session, job.id):
+        if target.request_id in request_reasons and target.status in (
+                TargetStatus.processing.value, TargetStatus.verifying.value):
+            target.status, target.updated_at = TargetStatus.failed.value, now
+            target.failure_reason = request_reasons[target.request_id]
+            touched.add(target.request_id)
+    _job_event(db_session, job, "requests_failed", requests=sorted(touched))
+    for request_id in sorted(touched):
+        _sync_requests(db_session, [request_id], reason=request_reasons[request_id])
+    if not any(t.status in (TargetStatus.processing.value, TargetStatus.verifying.value)
+               for t in targets_of(db_session, job.id)):
+        _fail(db_session, job, reason="none of the batch's requests could be served: "
+                                      + "; ".join(sorted(set(request_reasons.values()))))
+        return False
+    db_session.commit()
+    return True
+
+
 def _fail(db_session: Session, job: UnlearningJob, *, reason: str,
           report: dict[str, Any] | None = None,
           request_reasons: dict[str, str] | None = None) -> None:

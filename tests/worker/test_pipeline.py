@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from sqlalchemy import select
 
 from app.certificates import signing
+from app.core.security import subject_hash
 from app.datasets.models import Sample
 from app.jobs import service as jobs
 from app.models_registry.models import VerificationPolicy
@@ -243,3 +244,42 @@ def test_maintenance_deletes_weights_no_version_names_once_they_are_old(
     assert not orphan.exists()
     assert committing.exists()  # young: may be a publish still committing
     assert all(path.exists() for path in registered)  # named by their versions
+
+
+def test_a_sample_lost_from_the_store_fails_only_the_request_that_needs_it(
+        deployment: Deployment) -> None:
+    """A file lost on disk after the manifest was accepted: the request whose sample it held
+    fails with a reason that names the sample; every other request of the batch completes,
+    and a lost retain sample is left out of the retain set."""
+    subjects = deployment.subjects(BATCH + 1)
+    request_ids = submit_subjects(deployment, subjects[:BATCH])
+    ctx = deployment.worker
+    with ctx.session() as db_session:
+        secret = deployment.settings.resolved_secret_key()
+        owner, outsider = (subject_hash(secret, subjects[0]),
+                           subject_hash(secret, subjects[BATCH]))
+        # one image of the first subject's, and a retain sample of a subject nobody asked about
+        victim = db_session.scalars(select(Sample).where(
+            Sample.subject_hash == owner, Sample.split == "train")).first()
+        assert victim is not None
+        victim.locator = "lost/forget.png"
+        bystander = db_session.scalars(select(Sample).where(
+            Sample.split == "train", Sample.subject_hash == outsider)).first()
+        assert bystander is not None and outsider != owner
+        bystander.locator = "lost/retain.png"
+        db_session.commit()
+    assert run_batches(deployment) == ["published"]
+    statuses = {}
+    for request_id in request_ids:
+        body = deployment.client.get(f"{URL}/{request_id}", headers=deployment.requester).json()
+        statuses[request_id] = (body["status"], body["targets"][0]["failure_reason"])
+    failed = {i: reason for i, (status, reason) in statuses.items() if status == "failed"}
+    assert len(failed) == 1, statuses
+    (reason,) = failed.values()
+    assert f"sample {victim.sample_key!r} cannot be read" in reason and "no image" in reason
+    assert sum(status == "completed" for status, _ in statuses.values()) == BATCH - 1
+    report = deployment.client.get(f"/v1/models/{MODEL}/versions/2",
+                                   headers=deployment.operator).json()["verification_report"]
+    # the failed subject's training samples were not unlearned (they went back to retain)
+    assert report["summary"]["n_forget"] == deployment.samples_of(subjects[1:BATCH],
+                                                                  split="train")
