@@ -50,7 +50,8 @@ class AuditEventRead(BaseModel):
 
 class AuditPage(BaseModel):
     items: list[AuditEventRead]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+    next_cursor: str | None = Field(
+        description="Pass as `after` for the next page (the last `seq` of this one).")
 
 
 class BrokenLink(BaseModel):
