@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, PayloadTooLarge, Unprocessable
-from app.datasets.models import Dataset, ManifestRow, Sample
+from app.datasets.models import Dataset, ManifestRow, Sample, ShardRead
 from unlearning.data.store import (
     SHARD_SUFFIX,
     ShardReader,
@@ -272,7 +272,7 @@ async def receive_shard(chunks: AsyncIterator[bytes], *, target: Path, max_bytes
         staging.unlink(missing_ok=True)
 
 
-def shard_summary(reader: ShardReader) -> dict[str, object]:
+def shard_read(reader: ShardReader, path: str) -> ShardRead:
     labels, counts = np.unique(np.asarray(reader.arrays["y"]), return_counts=True)
-    return {"rows": len(reader), "sample_shape": list(reader.sample_shape),
-            "labels": {str(int(k)): int(v) for k, v in zip(labels, counts, strict=True)}}
+    return ShardRead(path=path, rows=len(reader), sample_shape=list(reader.sample_shape),
+                     labels={str(int(k)): int(v) for k, v in zip(labels, counts, strict=True)})

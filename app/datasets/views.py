@@ -95,7 +95,7 @@ async def add_samples(
         spool.seek(0)
 
         def ingest() -> tuple[int, int]:
-            rows = service.parse_manifest(spool, content_type=content_type,  # type: ignore[arg-type]
+            rows = service.parse_manifest(spool, content_type=content_type,
                                           check=checker.check)
             return service.ingest_manifest(db_session, dataset=dataset, rows=rows,
                                            secret_key=secret_key, actor=principal.actor)
@@ -140,4 +140,4 @@ async def upload_shard(
     reader = await shards.receive_shard(
         request.stream(), target=target, max_bytes=settings.max_upload_bytes,
         check=lambda staged: shards.check_shard(staged, shape=shape, limit=limit))
-    return ShardRead(path=path, **shards.shard_summary(reader))
+    return shards.shard_read(reader, path)
