@@ -84,6 +84,14 @@ def beat(loglevel: str) -> None:
         celery_app.start(["beat", f"--loglevel={loglevel}"])
 
 
+class StopSignal(Exception):
+    """SIGTERM or SIGINT arrived: unwind, so `finally` blocks stop what was started."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise StopSignal(signal.Signals(signum).name)
+
+
 @main.command()
 def broker() -> None:
     """Run the embedded broker in the foreground (the embedded default's Redis)."""
@@ -91,13 +99,26 @@ def broker() -> None:
 
     settings = get_settings()
     embedded = EmbeddedBroker(settings.embedded_broker_socket)
-    if not embedded.start():
-        raise click.ClickException(f"a broker already answers at {embedded.url}")
-    click.echo(f"embedded broker at {embedded.url}; Ctrl-C stops it")
+    # The server runs in its own session (a terminal's Ctrl-C does not reach it) and would
+    # outlive us: SIGTERM's default action ends this process without a word to it. The
+    # handlers go in before the start, so a signal at any point still reaches `finally`.
+    previous = {signum: signal.signal(signum, _raise_stop)
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        if not embedded.start():
+            raise click.ClickException(f"a broker already answers at {embedded.url}")
+        click.echo(f"embedded broker at {embedded.url}; Ctrl-C or SIGTERM stops it")
+        while True:
+            signal.pause()
+    except StopSignal:
+        pass
     finally:
-        embedded.stop()
+        for signum in previous:  # a second signal must not cut the stop short
+            signal.signal(signum, signal.SIG_IGN)
+        if embedded.process is not None:  # ours: terminate, wait, kill after the timeout
+            embedded.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @main.command()

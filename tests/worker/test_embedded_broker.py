@@ -5,6 +5,9 @@ visibility timeout passes (what late acks rely on when a worker dies)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,3 +95,47 @@ def test_an_overlong_socket_path_is_refused_with_advice(tmp_path: Path) -> None:
     deep = tmp_path / ("x" * 120) / "redis.sock"
     with pytest.raises(RuntimeError, match="LETHE_BROKER_URL"):
         EmbeddedBroker(deep).start()
+
+
+def alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_lethe_broker_stops_its_redis_server_when_signalled(signum: signal.Signals) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="lethe-broker-", dir="/tmp"))
+    embedded = EmbeddedBroker(directory / "broker" / "redis.sock")
+    environment = {k: v for k, v in os.environ.items() if k != "LETHE_BROKER_URL"}
+    command = [sys.executable, "-m", "worker.cli", "broker"]
+    lethe = subprocess.Popen(command, env={**environment, "LETHE_DATA_DIR": str(directory)},
+                             cwd=Path(__file__).resolve().parents[2],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = None
+    try:
+        deadline = time.monotonic() + 60
+        while not embedded.is_running():
+            if lethe.poll() is not None:
+                pytest.fail(f"lethe broker exited: {lethe.communicate()[1].decode()}")
+            assert time.monotonic() < deadline, "the broker did not answer in time"
+            time.sleep(0.1)
+        server = int(embedded.pidfile.read_text())
+        assert alive(server) and "redis-server" in os.readlink(f"/proc/{server}/exe")
+        lethe.send_signal(signum)
+        lethe.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while alive(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(server), "the redis-server outlived `lethe broker`"
+        assert not embedded.is_running() and lethe.returncode == 0
+    finally:
+        if lethe.poll() is None:
+            lethe.kill()
+            lethe.wait()
+        if server is not None and alive(server):
+            os.kill(server, signal.SIGKILL)
+        shutil.rmtree(directory, ignore_errors=True)
