@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import IO
+
 import click
 
 from app.core.config import get_settings
@@ -64,10 +66,21 @@ def keys() -> None:
     """API keys."""
 
 
+def _client_id_option(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    from app.auth.models import check_client_id
+
+    try:
+        return check_client_id(value)
+    except ValueError as invalid:
+        raise click.BadParameter(str(invalid)) from None
+
+
 @keys.command("create")
 @click.option("--role", required=True,
               type=click.Choice(["requester", "operator", "auditor", "admin"]))
-@click.option("--client", "client_id", required=True, help="The client the key acts for.")
+@click.option("--client", "client_id", required=True, callback=_client_id_option,
+              help="The client the key acts for (as the API accepts: a letter or digit, "
+                   "then letters, digits and . _ : -).")
 @click.option("--name", default="", help="A label for the key.")
 def keys_create(role: str, client_id: str, name: str) -> None:
     """Create a key and print it once; only its hash is stored."""
@@ -111,22 +124,24 @@ def certificate() -> None:
 @certificate.command("verify")
 @click.argument("document", type=click.File("r"))
 @click.option("--public-key", "public_key_file", type=click.File("r"),
-              help="PEM public key (GET /v1/certificates/public-key). Default: this data "
-                   "dir's signing key.")
-def certificate_verify(document: click.utils.LazyFile, public_key_file: click.utils.LazyFile | None
-                       ) -> None:
+              help="The key from GET /v1/certificates/public-key: its JSON body as saved, "
+                   "or the PEM or JWK in it. Default: this data dir's signing key.")
+def certificate_verify(document: IO[str], public_key_file: IO[str] | None) -> None:
     """Verify a certificate offline; exit status 0 when it is valid, 1 when not."""
     import json
 
     from app.certificates import signing
 
     if public_key_file is not None:
-        key = signing.load_public_key(public_key_file.read())
+        try:
+            key = signing.read_public_key(public_key_file.read())
+        except ValueError as exc:  # a UnicodeDecodeError too
+            raise click.ClickException(f"--public-key {public_key_file.name}: {exc}") from None
     else:
         key = signing.load_private_key(get_settings().signing_key_pem()).public_key()
     try:
         parsed = json.load(document)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not text
         raise click.ClickException(f"not JSON: {exc}") from None
     valid, reason = signing.verify_document(parsed, key)
     statement = parsed.get("certificate", {}) if isinstance(parsed, dict) else {}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy import String
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -35,11 +36,26 @@ class ApiKey(Base):
 
 
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+# The one definition of a client id: the API's model, the CLI and keys.create all check it
+# here. It also keeps ids from starting like a spreadsheet formula (= + - @).
+ClientId = Annotated[str, Field(pattern=CLIENT_ID_PATTERN, examples=["acme-bank"],
+                                description="A letter or digit, then up to 127 letters, "
+                                "digits and `. _ : -`.")]
+_client_id = TypeAdapter(ClientId)
+
+
+def check_client_id(value: str) -> str:
+    """``value`` if it is a valid client id; ValueError saying what one looks like if not."""
+    try:
+        return _client_id.validate_python(value)
+    except ValidationError:
+        raise ValueError(f"Invalid client id {value!r}: a letter or digit, then up to 127 "
+                         "letters, digits and . _ : -") from None
 
 
 class ApiKeyCreate(BaseModel):
     role: Role
-    client_id: str = Field(pattern=CLIENT_ID_PATTERN, examples=["acme-bank"])
+    client_id: ClientId
     name: str = Field(default="", max_length=128, examples=["intake service"])
 
 

