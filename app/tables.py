@@ -4,6 +4,7 @@ from app.audit.models import AuditEvent
 from app.auth.models import ApiKey
 from app.certificates.models import Certificate
 from app.core.db import Base
+from app.dashboard.models import DashboardSignIn, FailedSignIn
 from app.datasets.models import Dataset, Sample
 from app.jobs.models import UnlearningJob
 from app.models_registry.models import Model, ModelAlias, ModelVersion
@@ -13,7 +14,7 @@ from app.webhooks.models import Webhook, WebhookDelivery
 
 metadata = Base.metadata
 
-__all__ = ["ApiKey", "AuditEvent", "Certificate", "Dataset", "DeletionRequest",
-           "DeletionTarget", "Model", "ModelAlias", "ModelVersion", "ReferenceSet",
-           "ReferenceStatistic", "Sample", "UnlearningJob",
+__all__ = ["ApiKey", "AuditEvent", "Certificate", "DashboardSignIn", "Dataset",
+           "DeletionRequest", "DeletionTarget", "FailedSignIn", "Model", "ModelAlias",
+           "ModelVersion", "ReferenceSet", "ReferenceStatistic", "Sample", "UnlearningJob",
            "Webhook", "WebhookDelivery", "metadata"]

@@ -116,6 +116,10 @@ class Unprocessable(Problem):
     status, slug = 422, "unprocessable-content"
 
 
+class TooManyRequests(Problem):
+    status, slug = 429, "too-many-requests"
+
+
 class ServiceUnavailable(Problem):
     status, slug = 503, "service-unavailable"
 
