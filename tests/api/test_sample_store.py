@@ -247,3 +247,50 @@ def test_json_of_the_manifest_nested_deeply_is_a_422_not_a_recursion_error(
                                  headers={**operator, **NDJSON}), 422)
     assert detail["line"] == 1 and "nested too deeply" in detail["detail"]
     assert json.loads(json.dumps(detail))  # a plain problem body
+
+
+def test_a_custom_architecture_is_checked_against_the_dataset_and_predict_refuses_other_shapes(
+        database_url: str, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient as Client
+
+    from app.auth import service as keys
+    from app.auth.models import Role
+    from app.core.db import session_scope
+    from app.main import create_app
+    from unlearning.architectures import build_model
+    from unlearning.weights import save_weights
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url,
+                        secret_key="test-secret", broker_url="memory://",
+                        model_factory_modules="tests.api.custom_architecture")
+    app = create_app(settings)
+    with Client(app) as client:
+        with session_scope(app.state.sessionmaker) as db_session:
+            operator = {"Authorization": "Bearer " + keys.create(
+                db_session, role=Role.operator, client_id="ops")[1]}
+        assert client.post("/v1/datasets", json={"name": "digits"},
+                           headers=operator).status_code == 201
+        upload_shards(client, operator, "digits", rows(10))
+        assert manifest(client, operator, rows(10)).status_code == 201
+        spec = {"name": "tests.api.custom_architecture:build", "kwargs": {"num_classes": 4}}
+        # too few classes for the labels: known only by running the factory's model
+        body = problem(client.post("/v1/models", json={"name": "c", "architecture": spec,
+                                                       "dataset": "digits"}, headers=operator),
+                       422)
+        assert body["classes"] == 4 and body["largest_label"] == 9
+        spec["kwargs"] = {"num_classes": 10}
+        assert client.post("/v1/models", json={"name": "c", "architecture": spec,
+                                               "dataset": "digits"},
+                           headers=operator).status_code == 201
+        weights = save_weights(build_model(spec), tmp_path / "c.safetensors")
+        assert client.post("/v1/models/c/versions", content=weights.read_bytes(),
+                           headers={**operator, **OCTETS}).status_code == 201
+        assert client.put("/v1/models/c/aliases/production", json={"version": 1},
+                          headers=operator).status_code == 200
+        ok = client.post("/v1/models/c/predict", json={"inputs": [[[[0.5] * 8] * 8]]},
+                         headers=operator)
+        assert ok.status_code == 200, ok.text
+        wrong = client.post("/v1/models/c/predict", json={"inputs": [[[[0.5] * 9] * 9]]},
+                            headers=operator)
+        assert problem(wrong, 422)["expected_shape"] == [1, 8, 8]
+    app.state.engine.dispose()
