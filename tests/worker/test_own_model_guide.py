@@ -4,6 +4,7 @@ certificate for one of its subjects. When the service and the guide drift apart,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -48,7 +49,7 @@ def test_a_new_user_following_the_guide_gets_a_served_model_and_a_certificate(
             (tmp_path / name).write_text(body)
         elif language == "bash":
             script.append(body)
-            script.append(f'echo "@@ step done at $SECONDS s"')
+            script.append('echo "@@ step done at $SECONDS s"')
     (tmp_path / "guide.sh").write_text("\n".join(script) + "\n")
     env = {key: value for key, value in os.environ.items() if not key.startswith("LETHE_")}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
@@ -63,10 +64,8 @@ def test_a_new_user_following_the_guide_gets_a_served_model_and_a_certificate(
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)  # `lethe up` and its children, if left
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):  # `lethe up` and its children, if left
+            os.killpg(process.pid, signal.SIGTERM)
     log = (tmp_path / "lethe.log").read_text() if (tmp_path / "lethe.log").exists() else ""
     assert process.returncode == 0, f"{output[-6000:]}\n--- lethe.log ---\n{log[-6000:]}"
     print(f"\nthe guide ran in {time.monotonic() - started:.0f} s")
