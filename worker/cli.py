@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,6 +20,9 @@ from app.cli import ensure_schema
 from app.core.config import get_settings
 from unlearning.cli import data as data_commands
 from unlearning.cli import lab as lab_commands
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -203,8 +207,6 @@ def stop_services(processes: dict[str, subprocess.Popen[bytes]], timeout: float 
             process.wait()
 
 
-if __name__ == "__main__":
-    main()
 
 
 @main.group()
@@ -212,7 +214,7 @@ def references() -> None:
     """Reference statistics for per-sample verification."""
 
 
-def _session():  # type: ignore[no-untyped-def]
+def _session() -> AbstractContextManager[Session]:
     from app.core.db import make_engine, make_sessionmaker, session_scope
 
     settings = get_settings()
@@ -272,3 +274,7 @@ def references_status(model: str) -> None:
                    f"{row.statistics} statistics, {row.cost_seconds:.1f} s"
                    + (f", {row.phase}" if row.phase and row.status.value == "running" else "")
                    + (f", failed: {row.failure_reason}" if row.failure_reason else ""))
+
+
+if __name__ == "__main__":  # after every command is defined
+    main()
