@@ -1,5 +1,6 @@
 """Deep audit of `match` against retraining: a U-LiRA-style per-sample likelihood-ratio test
-and the NeurIPS-2023 unlearning challenge's epsilon score (ALGORITHMS.md section 3).
+and the NeurIPS-2023 unlearning challenge's epsilon score (docs/methods.md, 'Deep audit:
+per-sample likelihood-ratio test' and 'Deep audit: NeurIPS-2023 epsilon score').
 
     .venv/bin/python benchmarks/deep_audit.py [--pairs 16] [--train-size 2000]
 

@@ -1,5 +1,6 @@
 """Reference sets: per-sample statistics of reference models trained on random halves of a
-model's training data (ALGORITHMS.md section 6), kept so the gate can test each request.
+model's training data (docs/methods.md, 'Reference models'), kept so the gate can test each
+request.
 
 A set's rows live in ``reference_statistics``: one value per (sample, reference model) where
 that model did not train on the sample. No reference model's weights are ever stored. A

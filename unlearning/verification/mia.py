@@ -1,4 +1,5 @@
-"""Membership-inference attacks on per-sample prediction statistics (ALGORITHMS.md section 3).
+"""Membership-inference attacks on per-sample prediction statistics (docs/methods.md,
+'Population membership attack' and 'KS test').
 
 The population attack is what the gate and the lab report: members (the forget set) and an
 equal number of non-members (unseen data) are told apart by a logistic regression on per-sample

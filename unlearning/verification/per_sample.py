@@ -1,6 +1,6 @@
-"""The per-request membership test (ALGORITHMS.md section 6): does a request's handful of
-samples still look like members of the candidate, judged sample by sample against reference
-models that never trained on them?
+"""The per-request membership test (docs/methods.md, 'Per-sample test'): does a request's
+handful of samples still look like members of the candidate, judged sample by sample against
+reference models that never trained on them?
 
 For each sample, ``score = (phi_candidate - mean of its OUT references) / spread``, with
 ``phi`` the logit-scaled true-class confidence. The spread is pooled over all samples ("fixed

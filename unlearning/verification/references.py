@@ -1,5 +1,5 @@
 """Reference models: trained like the original on random halves of its training data, kept
-only as per-sample statistics (ALGORITHMS.md section 6, offline LiRA).
+only as per-sample statistics (docs/methods.md, 'Reference models': offline LiRA).
 
 A reference set of ``k`` models is ``k / 2`` complementary pairs: each pair splits the
 training samples into two random halves and trains one model on each, so every training
