@@ -6,14 +6,10 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import JSON, BigInteger, Index, Integer, String
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.core.db import Base, UTCDateTime
-
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+from app.core.db import Base, BigIntId, JSONType, UTCDateTime
 
 
 class AuditEvent(Base):

@@ -8,8 +8,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.audit.models import JSONType
-from app.core.db import Base, UTCDateTime, utcnow
+from app.core.db import Base, JSONType, UTCDateTime, utcnow
 
 
 class Certificate(Base):

@@ -1,6 +1,6 @@
-"""Database plumbing: the declarative base, a timezone-safe datetime column type, and engine
-construction for the two supported backends (SQLite for the embedded default, PostgreSQL in
-production)."""
+"""Database plumbing: the declarative base, the column types every domain shares (a
+timezone-safe datetime, JSON, big-integer ids), and engine construction for the two supported
+backends (SQLite for the embedded default, PostgreSQL in production)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import JSON, BigInteger, DateTime, Engine, Integer, MetaData, create_engine, event
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -53,6 +54,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite autoincrements only an INTEGER PRIMARY KEY.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def normalise_url(url: str) -> str:

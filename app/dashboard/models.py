@@ -8,8 +8,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.audit.models import BigIntId
-from app.core.db import Base, UTCDateTime, utcnow
+from app.core.db import Base, BigIntId, UTCDateTime, utcnow
 
 # The longest client address kept (an IPv6 address with a zone fits); longer ones are cut.
 MAX_ADDRESS_LENGTH = 64

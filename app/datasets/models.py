@@ -9,8 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.audit.models import BigIntId
-from app.core.db import Base, UTCDateTime, utcnow
+from app.core.db import Base, BigIntId, UTCDateTime, utcnow
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 

@@ -10,8 +10,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.audit.models import JSONType
-from app.core.db import Base, UTCDateTime, utcnow
+from app.core.db import Base, JSONType, UTCDateTime, utcnow
 from app.core.fields import VersionNumber
 from app.datasets.models import NAME_PATTERN
 from app.models_registry.engine_bridge import check_reference_count

@@ -17,8 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.audit.models import BigIntId, JSONType
-from app.core.db import Base, UTCDateTime, utcnow
+from app.core.db import Base, BigIntId, JSONType, UTCDateTime, utcnow
 
 
 class ReferenceStatus(StrEnum):

@@ -10,8 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.audit.models import JSONType
-from app.core.db import Base, UTCDateTime, utcnow
+from app.core.db import Base, JSONType, UTCDateTime, utcnow
 
 
 class RequestKind(StrEnum):

@@ -13,8 +13,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.audit.models import BigIntId, JSONType
-from app.core.db import Base, UTCDateTime, utcnow
+from app.core.db import Base, BigIntId, JSONType, UTCDateTime, utcnow
 
 
 class DeliveryStatus(StrEnum):
