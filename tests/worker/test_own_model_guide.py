@@ -68,7 +68,9 @@ def test_a_new_user_following_the_guide_gets_a_served_model_and_a_certificate(
             os.killpg(process.pid, signal.SIGTERM)
     log = (tmp_path / "lethe.log").read_text() if (tmp_path / "lethe.log").exists() else ""
     assert process.returncode == 0, f"{output[-6000:]}\n--- lethe.log ---\n{log[-6000:]}"
-    print(f"\nthe guide ran in {time.monotonic() - started:.0f} s")
+    steps = [line.split(" at ")[-1] for line in output.splitlines() if line.startswith("@@")]
+    print(f"\nthe guide ran in {time.monotonic() - started:.0f} s; its shell blocks ended at "
+          f"{', '.join(steps)} (version 1 is served at the end of the 5th)")
     assert re.search(r"request [0-9a-f-]+: completed", output), output[-4000:]
     assert "VALID:" in output and "evidence: per-sample" in output, output[-4000:]
     # the predict call printed the version it was answered by
