@@ -131,6 +131,7 @@ def certificate_verify(document: IO[str], public_key_file: IO[str] | None) -> No
     import json
 
     from app.certificates import signing
+    from app.certificates.service import Signer
 
     if public_key_file is not None:
         try:
@@ -138,7 +139,7 @@ def certificate_verify(document: IO[str], public_key_file: IO[str] | None) -> No
         except ValueError as exc:  # a UnicodeDecodeError too
             raise click.ClickException(f"--public-key {public_key_file.name}: {exc}") from None
     else:
-        key = signing.load_private_key(get_settings().signing_key_pem()).public_key()
+        key = Signer.from_settings(get_settings()).private_key.public_key()
     try:
         parsed = json.load(document)
     except ValueError as exc:  # not JSON, or not text

@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.secret_key = settings.resolved_secret_key()
     app.state.artifact_store = ArtifactStore(settings.resolved_artifact_dir)
-    app.state.signer = Signer.from_pem(settings.signing_key_pem())
+    app.state.signer = Signer.from_settings(settings)
     app.state.model_server = ModelServer(app.state.artifact_store,
                                          settings.resolved_dataset_dir)
     app.state.intake = group_committer(app.state.sessionmaker, app.state.secret_key)

@@ -37,7 +37,7 @@ class WorkerContext:
 
     @cached_property
     def signer(self) -> Signer:
-        return Signer.from_pem(self.settings.signing_key_pem())
+        return Signer.from_settings(self.settings)
 
     @property
     def hostname(self) -> str:

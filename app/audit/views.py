@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from app.api.deps import Auditor, SessionDep
 from app.audit import service
 from app.audit.models import AuditEventRead, AuditPage, ChainVerification
-from app.core.deps import Auditor, SessionDep
 from app.core.fields import AuditSeq
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.api.deps import Admin, SessionDep
 from app.auth import service
 from app.auth.models import ApiKeyCreate, ApiKeyCreated, ApiKeyRead, Role
-from app.core.deps import Admin, SessionDep
 from app.core.errors import PROBLEM
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])

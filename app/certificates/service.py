@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.audit import service as audit
 from app.certificates import signing
 from app.certificates.models import Certificate
+from app.core.config import Settings, read_or_create_file
 from app.core.db import utcnow
 from app.core.errors import NotFound
 from app.jobs.models import UnlearningJob
@@ -29,6 +30,13 @@ class Signer:
     @classmethod
     def from_pem(cls, pem: str) -> Signer:
         return cls(signing.load_private_key(pem))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Signer:
+        """The configured key (PEM, PKCS#8), else the data dir's, created on first use."""
+        pem = settings.signing_key or read_or_create_file(
+            settings.resolved_data_dir / "signing-key.pem", signing.generate_private_key_pem)
+        return cls.from_pem(pem)
 
     @property
     def key_id(self) -> str:

@@ -7,8 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from app.api.deps import Reader, SessionDep
 from app.certificates import service, signing
-from app.core.deps import Reader, SessionDep
 from app.core.errors import PROBLEM
 from app.requests import service as requests
 

@@ -155,15 +155,6 @@ class Settings(BaseSettings):
         path = self.resolved_data_dir / "secret.key"
         return read_or_create_file(path, lambda: secrets.token_hex(32)).strip().encode()
 
-    def signing_key_pem(self) -> str:
-        """The Ed25519 key certificates are signed with (PEM, PKCS#8)."""
-        if self.signing_key:
-            return self.signing_key
-        from app.certificates.signing import generate_private_key_pem
-
-        return read_or_create_file(self.resolved_data_dir / "signing-key.pem",
-                                   generate_private_key_pem)
-
 
 def parse_networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """Comma-separated CIDRs (``10.0.0.0/8, ::1/128``); a bare address is a /32 or /128."""

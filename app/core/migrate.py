@@ -9,6 +9,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import MetaData
 
 import migrations
 from app.core.db import make_engine, normalise_url
@@ -28,10 +29,9 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
-def drift(database_url: str) -> list[Any]:
-    """Differences between the migrated schema and the ORM (empty when they agree)."""
-    from app.tables import metadata
-
+def drift(database_url: str, metadata: MetaData) -> list[Any]:
+    """Differences between the migrated schema and the ORM's ``metadata`` (every domain's
+    tables: ``app.tables.metadata``); empty when they agree."""
     engine = make_engine(database_url)
     try:
         with engine.connect() as connection:

@@ -21,9 +21,9 @@ from fastapi import Depends, Request, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy.orm import Session
 
+from app.api.deps import SessionDep
 from app.auth.models import Role
 from app.auth.service import Principal
-from app.core.deps import SessionDep
 from app.core.errors import Forbidden
 from app.dashboard import sessions
 

@@ -13,9 +13,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from app.api.deps import SessionDep
 from app.auth import service as auth
 from app.certificates import service as certificates
-from app.core.deps import SessionDep
 from app.core.errors import (
     Conflict,
     Forbidden,

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Request
 from starlette.concurrency import run_in_threadpool
 
+from app.api.deps import Operator, Reader, SecretKeyDep, SessionDep, SettingsDep
 from app.core.config import Settings
-from app.core.deps import Operator, Reader, SecretKeyDep, SessionDep, SettingsDep
 from app.core.errors import PROBLEM
 from app.datasets import service, shards
 from app.datasets.models import DatasetCreate, DatasetRead, ManifestResult, ShardRead

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from app.core.deps import SessionDep, Staff
+from app.api.deps import SessionDep, Staff
 from app.core.errors import PROBLEM, NotFound
 from app.jobs import service
 from app.jobs.models import JobRead

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.core.deps import ArtifactStoreDep, Operator, Reader, SessionDep, SettingsDep
+from app.api.deps import ArtifactStoreDep, Operator, Reader, SessionDep, SettingsDep
 from app.core.errors import PROBLEM, Conflict, NotFound
 from app.core.fields import VersionNumber
 from app.models_registry import service

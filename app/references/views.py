@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, Response
 from pydantic import BaseModel
 
-from app.core.deps import Operator, SessionDep, Staff
+from app.api.deps import Operator, SessionDep, Staff
 from app.core.errors import PROBLEM
 from app.models_registry import service as registry
 from app.references import service

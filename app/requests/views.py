@@ -11,9 +11,7 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.auth.service import Principal
-from app.core.db import session_scope
-from app.core.deps import (
+from app.api.deps import (
     CurrentKey,
     Operator,
     PresentedKey,
@@ -22,6 +20,8 @@ from app.core.deps import (
     SessionDep,
     Submitter,
 )
+from app.auth.service import Principal
+from app.core.db import session_scope
 from app.core.errors import PROBLEM, Problem
 from app.core.fields import NAIVE_IS_UTC, UTCDatetime
 from app.core.group_commit import GroupCommit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from app.core.deps import Reader, SessionDep
+from app.api.deps import Reader, SessionDep
 from app.core.errors import PROBLEM
 from app.models_registry import service as registry
 from app.serving.models import PredictRequest, PredictResponse

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from app.core.deps import SecretKeyDep, SessionDep, SettingsDep, Submitter
+from app.api.deps import SecretKeyDep, SessionDep, SettingsDep, Submitter
 from app.core.errors import PROBLEM
 from app.webhooks import service
 from app.webhooks.models import WebhookCreate, WebhookCreated, WebhookRead

@@ -1,0 +1,1 @@
+"""The HTTP layer's wiring, above the domains: the dependencies routes declare."""
