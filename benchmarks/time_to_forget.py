@@ -67,8 +67,8 @@ def run_once(world: World, workdir: Path, *, rate: float, duration: float, max_w
                        "LETHE_SECRET_KEY": "time-to-forget", "LETHE_DEVICE": "cpu"})
     from app.cli import ensure_schema
     from app.core.config import get_settings
-    from worker.cli import start_services, stop_services
     from worker.embedded_broker import EmbeddedBroker
+    from worker.processes import start_services, stop_services
 
     get_settings.cache_clear()
     settings = get_settings()

@@ -45,3 +45,13 @@ def test_the_app_imports_nothing_from_the_worker() -> None:
 def test_the_core_imports_no_domain() -> None:
     assert violations("app/core", ("app",), allowed=("app.core",)) == []
 
+
+def test_no_two_modules_import_each_other() -> None:
+    modules: dict[str, set[str]] = {}
+    for package in ("app", "worker", "unlearning", "benchmarks"):
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = (
+                imported_modules(path))
+    assert sorted(f"{a} <-> {b}" for a, imports in modules.items() for b in imports
+                  if a < b and a in modules.get(b, ())) == []

@@ -3,13 +3,8 @@ plus the process commands of the worker layer: `worker`, `beat`, `broker`, `up`,
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +15,7 @@ from app.cli import ensure_schema
 from app.core.config import get_settings
 from unlearning.cli import data as data_commands
 from unlearning.cli import lab as lab_commands
+from worker.processes import embedded_broker_if_needed, start_services, stop_services, supervise
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -32,25 +28,6 @@ def main() -> None:
 
 for command in (*APP_COMMANDS, data_commands, lab_commands):
     main.add_command(command)
-
-
-@contextmanager
-def embedded_broker_if_needed() -> Iterator[None]:
-    """On the embedded default, make sure the data dir's broker runs; stop it afterwards if
-    this process started it (the server would otherwise outlive us)."""
-    settings = get_settings()
-    if settings.broker_url:
-        yield
-        return
-    from worker.embedded_broker import EmbeddedBroker
-
-    broker = EmbeddedBroker(settings.embedded_broker_socket)
-    started = broker.start()
-    try:
-        yield
-    finally:
-        if started:
-            broker.stop()
 
 
 @main.command()
@@ -157,56 +134,6 @@ def demo(data_dir: Path, port: int, subjects: int, seed: int | None) -> None:
     from worker.demo import run_demo
 
     raise SystemExit(run_demo(data_dir, port=port, subjects=subjects, seed=seed))
-
-
-def start_services(host: str, port: int, *, log_dir: str | None = None
-                   ) -> dict[str, subprocess.Popen[bytes]]:
-    """Start API, worker and beat as child processes of this one."""
-    lethe = [sys.executable, "-m", "worker.cli"]
-    commands = {
-        "api": [*lethe, "serve", "--host", host, "--port", str(port), "--no-migrate"],
-        "worker": [*lethe, "worker"],
-        "beat": [*lethe, "beat"],
-    }
-    processes = {}
-    for name, command in commands.items():
-        output = open(os.path.join(log_dir, f"{name}.log"), "ab") if log_dir else None  # noqa: SIM115
-        processes[name] = subprocess.Popen(command, stdout=output, stderr=output)
-    return processes
-
-
-def supervise(processes: dict[str, subprocess.Popen[bytes]]) -> int:
-    """Wait until a service exits or we are told to stop; returns the exit code to use."""
-    stop = {"signal": False}
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop["signal"] = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    while not stop["signal"]:
-        for name, process in processes.items():
-            if process.poll() is not None:
-                click.echo(f"{name} exited with {process.returncode}; stopping", err=True)
-                return process.returncode or 1
-        time.sleep(0.5)
-    return 0
-
-
-def stop_services(processes: dict[str, subprocess.Popen[bytes]], timeout: float = 30) -> None:
-    """Warm shutdown: SIGTERM lets the worker finish or hand back its job (late acks)."""
-    for process in processes.values():
-        if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + timeout
-    for process in processes.values():
-        try:
-            process.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 
 
 @main.group()

@@ -71,8 +71,8 @@ def run_demo(data_dir: Path, *, port: int, subjects: int, seed: int | None = Non
 
     say(f"2/{STEPS}  Starting API, worker, beat and the embedded broker", bold=True)
     from app.cli import ensure_schema
-    from worker.cli import start_services, stop_services
     from worker.embedded_broker import EmbeddedBroker
+    from worker.processes import start_services, stop_services
 
     ensure_schema(settings.resolved_database_url)
     broker = EmbeddedBroker(settings.embedded_broker_socket)
