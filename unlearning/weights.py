@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unlearning.architectures import ModelSpec, build_model
+from unlearning.atomic import atomic_write
 
 # safetensors dtype codes for the dtypes a state dict holds
 _DTYPE_CODES = {
@@ -95,28 +95,13 @@ def check_weights_file(path: str | os.PathLike[str],
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str],
                  metadata: Mapping[str, str] | None = None) -> Path:
-    """Write the state dict atomically (temp file, fsync, rename). Tensors are cloned so tied
-    parameters are stored under each name and reload with ``strict=True``."""
+    """Write the state dict atomically (:func:`unlearning.atomic.atomic_write`). Tensors are
+    cloned so tied parameters are stored under each name and reload with ``strict=True``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").clone().contiguous()
                for name, t in model.state_dict().items()}
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a serving process
-    os.close(fd)
-    try:
-        save_file(tensors, temp_name, metadata=dict(metadata or {}))
-        with open(temp_name, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    with atomic_write(target) as temp:
+        save_file(tensors, str(temp), metadata=dict(metadata or {}))
     return target
 
 

@@ -5,7 +5,6 @@ start when they are not given."""
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 from collections.abc import Callable
 from functools import lru_cache
@@ -14,6 +13,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from unlearning.atomic import atomic_write
 
 
 class Settings(BaseSettings):
@@ -166,21 +167,11 @@ def read_or_create_file(path: Path, make: Callable[[], str]) -> str:
     """Read a secret file, creating it (mode 0600) with ``make()`` on first use."""
     if path.exists():
         return path.read_text()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(make())
-        handle.flush()
-        os.fsync(handle.fileno())
     try:
-        # link() fails when the name exists: of two processes starting at once, exactly one
-        # secret wins and both read it, never a half-written file.
-        os.link(staging, path)
+        with atomic_write(path, mode=0o600, replace=False) as staging:
+            staging.write_text(make())
     except FileExistsError:
-        pass
-    finally:
-        os.unlink(staging)
+        pass  # of two processes starting at once, one secret wins and both read it
     return path.read_text()
 
 

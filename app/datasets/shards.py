@@ -12,8 +12,6 @@ malformed shard is never visible to a job.
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,11 +23,11 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, PayloadTooLarge, Unprocessable
 from app.datasets.models import Dataset, ManifestRow, Sample, ShardRead
+from unlearning.atomic import atomic_write
 from unlearning.data.store import (
     SHARD_SUFFIX,
     ShardReader,
     StoreError,
-    fsync_dir,
     resolve_locator,
 )
 
@@ -243,33 +241,25 @@ async def receive_shard(chunks: AsyncIterator[bytes], *, target: Path, max_bytes
     """Stream a shard to a temporary file beside ``target`` (a 413 past ``max_bytes``), check
     it, and link it into place: a job never sees a partial or unchecked shard, and an existing
     shard is never replaced (its rows may be named by samples, forgotten ones included)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         raise Conflict(f"shard {target.name!r} already exists; shards are immutable (upload "
                        "new samples under a new name)")
-    staging = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
     received = 0
     try:
-        with staging.open("xb") as handle:
-            async for chunk in chunks:
-                received += len(chunk)
-                if received > max_bytes:
-                    raise PayloadTooLarge(f"the shard exceeds {max_bytes} bytes "
-                                          "(LETHE_MAX_UPLOAD_BYTES)")
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(staging, 0o644)
-        reader = check(staging)
-        try:
-            os.link(staging, target)  # fails if the name appeared meanwhile: never a replace
-        except FileExistsError:
-            raise Conflict(f"shard {target.name!r} already exists") from None
-        fsync_dir(target.parent)
-        reader.path = target
-        return reader
-    finally:
-        staging.unlink(missing_ok=True)
+        # replace=False: if the name appeared meanwhile, a conflict, never a replace
+        with atomic_write(target, replace=False) as staging:
+            with staging.open("wb") as handle:
+                async for chunk in chunks:
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise PayloadTooLarge(f"the shard exceeds {max_bytes} bytes "
+                                              "(LETHE_MAX_UPLOAD_BYTES)")
+                    handle.write(chunk)
+            reader = check(staging)
+    except FileExistsError:
+        raise Conflict(f"shard {target.name!r} already exists") from None
+    reader.path = target
+    return reader
 
 
 def shard_read(reader: ShardReader, path: str) -> ShardRead:

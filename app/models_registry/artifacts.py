@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from unlearning.atomic import fsync_dir
+
 CHUNK = 1 << 20
 
 
@@ -67,7 +69,7 @@ class ArtifactStore:
         final = self.path_of(uri)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged.path, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return final
 
     def discard(self, staged: StagedArtifact) -> None:
@@ -82,11 +84,3 @@ class ArtifactStore:
 
 def version_uri(model_name: str, number: int, sha256: str) -> str:
     return f"{model_name}/v{number}-{sha256[:12]}.safetensors"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

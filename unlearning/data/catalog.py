@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unlearning.atomic import atomic_write
 from unlearning.data.datasets import ImageDataset
 from unlearning.data.store import write_shard
 
@@ -86,11 +87,9 @@ def write_dataset_store(dataset: ImageDataset, root: str | os.PathLike[str], *,
                          "label": int(dataset.labels[i]), "split": str(splits[i]),
                          "locator": f"{relative}#{i - start}"})
     manifest = root_path / MANIFEST_NAME
-    partial = manifest.with_suffix(".partial")
-    with partial.open("w") as handle:
+    with atomic_write(manifest) as partial, partial.open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
-    os.replace(partial, manifest)
     return manifest
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unlearning.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_DEB_VERSION = "0.0~git20200523.55506a9-1"
@@ -117,12 +119,9 @@ def fetch_fashion_mnist(data_dir: str | os.PathLike[str]) -> Path:
         deb = _download_deb(Path(scratch))
         staging = Path(scratch) / "files"
         _extract_idx_from_deb(deb, staging)
-        target.mkdir(parents=True, exist_ok=True)
         for name in FASHION_MNIST_FILES:
-            # rename inside the same filesystem is atomic: a crash never leaves half a file
-            partial = target / f".{name}.partial"
-            shutil.copyfile(staging / name, partial)
-            os.replace(partial, target / name)
+            with atomic_write(target / name) as partial:  # a crash never leaves half a file
+                shutil.copyfile(staging / name, partial)
     return target
 
 

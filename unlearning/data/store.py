@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import struct
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+from unlearning.atomic import atomic_write
 
 SHARD_SUFFIX = ".safetensors"
 _NUMPY_DTYPES = {
@@ -91,38 +92,18 @@ def resolve_locator(root: str | os.PathLike[str], locator: str) -> Locator:
 # -- shards ---------------------------------------------------------------------------------
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or link in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(path: str | os.PathLike[str], x: torch.Tensor, y: torch.Tensor,
                 keys: Sequence[str], *, wiped_rows: Iterable[int] = ()) -> Path:
-    """Write a shard atomically: temp file in the same directory, fsync, rename."""
+    """Write a shard atomically (:func:`unlearning.atomic.atomic_write`)."""
     target = Path(path)
     if x.dtype != torch.uint8:
         raise StoreError("shards hold uint8 images")
     if not (len(x) == len(y) == len(keys)):
         raise StoreError(f"x, y and keys differ in length: {len(x)}, {len(y)}, {len(keys)}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"keys": json.dumps(list(keys)), "wiped_rows": json.dumps(sorted(wiped_rows))}
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a serving process
-    os.close(fd)
-    try:
-        save_file({"x": x.contiguous(), "y": y.to(torch.int64).contiguous()}, temp_name,
+    with atomic_write(target) as temp:
+        save_file({"x": x.contiguous(), "y": y.to(torch.int64).contiguous()}, str(temp),
                   metadata=metadata)
-        with open(temp_name, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
     return target
 
 
