@@ -69,6 +69,20 @@ class Scenario:
         """The label the forget set was trained with, when the whole set shares one."""
         return self.forget_class if self.kind == "class" else self.target_label
 
+    @property
+    def class_label(self) -> int:
+        """``forget_class`` of a class scenario (set whenever the kind is ``class``)."""
+        if self.forget_class is None:
+            raise ValueError(f"a {self.kind} scenario forgets no class")
+        return self.forget_class
+
+    @property
+    def backdoor_label(self) -> int:
+        """``target_label`` of a backdoor scenario (set whenever the kind is ``backdoor``)."""
+        if self.target_label is None:
+            raise ValueError(f"a {self.kind} scenario has no backdoor target label")
+        return self.target_label
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "forget_class": self.forget_class,
                 "target_label": self.target_label,
@@ -82,10 +96,12 @@ class Scenario:
         if self.kind == "subset":
             return reference
         if self.kind == "class":
-            return reference.subset(torch.nonzero(reference.y == self.forget_class).flatten())
-        others = reference.subset(torch.nonzero(reference.y != self.target_label).flatten())
+            return reference.subset(
+                torch.nonzero(torch.eq(reference.y, self.class_label)).flatten())
+        others = reference.subset(
+            torch.nonzero(torch.ne(reference.y, self.backdoor_label)).flatten())
         x = self.trigger.apply(others.x) if self.trigger is not None else others.x
-        return SampleSet(x, torch.full_like(others.y, int(self.target_label)))  # type: ignore[arg-type]
+        return SampleSet(x, torch.full_like(others.y, self.backdoor_label))
 
     def relabelled_reference(self, reference: SampleSet) -> SampleSet:
         """Reference data for matching the forgotten label's confidence: for class and
@@ -95,7 +111,7 @@ class Scenario:
         label = self.forgotten_label
         if label is None:
             return reference
-        others = reference.subset(torch.nonzero(reference.y != label).flatten())
+        others = reference.subset(torch.nonzero(torch.ne(reference.y, label)).flatten())
         return SampleSet(others.x, torch.full_like(others.y, label))
 
 
@@ -106,7 +122,7 @@ def select_forget_samples(labels: torch.Tensor, *, fraction: float | None = None
     of samples, or (with ``subjects``, one owner per sample) whole subjects drawn at random
     until they cover ``fraction`` of the samples."""
     if forget_class is not None:
-        return torch.nonzero(labels == forget_class).flatten()
+        return torch.nonzero(torch.eq(labels, forget_class)).flatten()
     if fraction is None or not 0.0 < fraction < 1.0:
         raise ValueError("a subset scenario needs 0 < fraction < 1")
     wanted = max(1, int(round(fraction * len(labels))))
@@ -126,7 +142,7 @@ def poison(train: SampleSet, trigger: Trigger, target_label: int, rate: float,
            generator: torch.Generator) -> tuple[SampleSet, torch.Tensor]:
     """BadNets: stamp the trigger on ``rate`` of the training samples (drawn from the other
     classes), relabel them ``target_label``; returns the poisoned set and the poisoned rows."""
-    candidates = torch.nonzero(train.y != target_label).flatten()
+    candidates = torch.nonzero(torch.ne(train.y, target_label)).flatten()
     count = max(1, int(round(rate * len(train))))
     chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]].sort().values
     x, y = train.x.clone(), train.y.clone()
@@ -138,7 +154,7 @@ def poison(train: SampleSet, trigger: Trigger, target_label: int, rate: float,
 def attack_success_rate(model: nn.Module, clean: SampleSet, trigger: Trigger, target_label: int,
                         device: torch.device) -> float:
     """Share of triggered inputs from the other classes classified as ``target_label``."""
-    others = clean.subset(torch.nonzero(clean.y != target_label).flatten())
+    others = clean.subset(torch.nonzero(torch.ne(clean.y, target_label)).flatten())
     triggered = SampleSet(trigger.apply(others.x), others.y)
     predictions = predict_logits(model, triggered, device).argmax(1)
     return float((predictions == target_label).float().mean())

@@ -23,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,7 +136,7 @@ class ShardReader:
             raise StoreError(f"{path.name}: a shard holds tensors 'x' and 'y'")
 
     @staticmethod
-    def _header(path: Path) -> tuple[int, dict[str, dict[str, object]], dict[str, str]]:
+    def _header(path: Path) -> tuple[int, dict[str, Any], dict[str, Any]]:
         with path.open("rb") as handle:
             (header_len,) = struct.unpack("<Q", handle.read(8))
             if header_len > 100 * 2**20:
@@ -149,12 +150,13 @@ class ShardReader:
         return header_len, header, metadata
 
     @staticmethod
-    def _map(path: Path, name: str, info: dict[str, object], data_start: int) -> np.ndarray:
-        dtype = _NUMPY_DTYPES.get(info["dtype"])  # type: ignore[arg-type]
+    def _map(path: Path, name: str, info: Any, data_start: int) -> np.ndarray:
+        """One tensor of the header (``info``: JSON as the file holds it, checked here)."""
+        dtype = _NUMPY_DTYPES.get(str(info["dtype"]))
         if dtype is None:
             raise StoreError(f"{path.name}: unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]  # type: ignore[misc]
-        shape = tuple(int(d) for d in info["shape"])  # type: ignore[attr-defined]
+        start, end = (int(v) for v in info["data_offsets"])
+        shape = tuple(int(d) for d in info["shape"])
         if any(d < 0 for d in shape) or not 0 <= start <= end:
             raise StoreError(f"{path.name}: tensor {name} has a negative shape or offset")
         if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
@@ -163,7 +165,9 @@ class ShardReader:
             raise StoreError(f"{path.name}: tensor {name} lies past the end of the file")
         if end == start:
             return np.zeros(shape, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=data_start + start, shape=shape)
+        mapped: np.ndarray = np.memmap(path, dtype=dtype, mode="r", offset=data_start + start,
+                                       shape=shape)
+        return mapped
 
     @functools.cached_property
     def keys(self) -> list[str]:

@@ -32,7 +32,7 @@ def utility_test_set(test: SampleSet, scenario: Scenario) -> SampleSet:
     """Test data the model should still get right: all of it, minus the forgotten class."""
     if scenario.kind != "class":
         return test
-    return test.subset(torch.nonzero(test.y != scenario.forget_class).flatten())
+    return test.subset(torch.nonzero(torch.ne(test.y, scenario.class_label)).flatten())
 
 
 def scenario_metrics(model: nn.Module, *, forget: SampleSet, retain: SampleSet,
@@ -54,7 +54,7 @@ def scenario_metrics(model: nn.Module, *, forget: SampleSet, retain: SampleSet,
         "attack_success_rate": None,
     }
     if scenario.kind == "class":
-        forgotten = test.subset(torch.nonzero(test.y == scenario.forget_class).flatten())
+        forgotten = test.subset(torch.nonzero(torch.eq(test.y, scenario.class_label)).flatten())
         metrics["forget_class_accuracy"] = evaluate(model, forgotten, device)["accuracy"]
     if scenario.kind == "backdoor" and scenario.trigger is not None:
         metrics["attack_success_rate"] = attack_success_rate(model, test, scenario.trigger,

@@ -210,7 +210,10 @@ def per_request_test(
     before, _, null_before = scored(base_phi, holdout_base_phi)
     ids = list(dict.fromkeys(request_of))
     members = {rid: np.array([i for i, r in enumerate(request_of) if r == rid]) for rid in ids}
-    rows = []
+    # (request, n, n testable, mean after, p after, mean before, p before, detectable
+    # shift); the figures are None when no sample of the request is testable
+    rows: list[tuple[str, int, int, float | None, float | None, float | None,
+                     float | None, float | None]] = []
     for rid in ids:
         index = members[rid]
         usable = index[testable[index]]
@@ -223,11 +226,11 @@ def per_request_test(
         mean_a, mean_b = float(after[usable].mean()), float(before[usable].mean())
         rows.append((rid, len(index), n, mean_a, null_a.p_value(mean_a), mean_b,
                      null_b.p_value(mean_b), null_a.detectable_shift(alpha)))
-    tested = [row for row in rows if row[4] is not None]
-    flags_after = dict(zip([r[0] for r in tested],
-                           benjamini_hochberg([r[4] for r in tested], alpha), strict=True))
-    flags_before = dict(zip([r[0] for r in tested],
-                            benjamini_hochberg([r[6] for r in tested], alpha), strict=True))
+    tested = [(r[0], r[4], r[6]) for r in rows if r[4] is not None and r[6] is not None]
+    flags_after = dict(zip([t[0] for t in tested],
+                           benjamini_hochberg([t[1] for t in tested], alpha), strict=True))
+    flags_before = dict(zip([t[0] for t in tested],
+                            benjamini_hochberg([t[2] for t in tested], alpha), strict=True))
     requests = [RequestEvidence(
         request_id=rid, n=n, n_testable=n_testable, mean_score=mean_a, p_value=p_a,
         flagged=flags_after.get(rid, False), mean_score_before=mean_b, p_before=p_b,

@@ -247,7 +247,7 @@ def build_verification_report(candidate: nn.Module, base: nn.Module, *, forget: 
                                "retain_accuracy_drop": retain_base - retain_candidate})
     report.forget_accuracy = _accuracy(candidate, forget, device) if n_forget else None
     if scenario.kind == "class":
-        forgotten = test.subset(torch.nonzero(test.y == scenario.forget_class).flatten())
+        forgotten = test.subset(torch.nonzero(torch.eq(test.y, scenario.class_label)).flatten())
         report.class_check = {"forget_class": scenario.forget_class,
                               "forget_class_accuracy": _accuracy(candidate, forgotten, device),
                               "base_forget_class_accuracy": _accuracy(base, forgotten, device),
