@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import socket
 import sys
 from collections.abc import Callable
@@ -19,14 +18,10 @@ if str(REPO) not in sys.path:
 
 
 def machine() -> dict[str, Any]:
-    import torch
+    """The engine's description of the machine, with the load it carried at the start."""
+    from unlearning.machine import describe
 
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "load_average": os.getloadavg()}
+    return {**describe(), "load_average": os.getloadavg()}
 
 
 def free_port() -> int:

@@ -815,7 +815,9 @@ def markdown(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     lines = [
         "# Gate power: the per-sample test against the population+KS gate", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} thread "
+        # results written before the one machine description name torch's threads `threads`
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"{m.get('torch_threads', m.get('threads'))} thread "
         f"(shared with other work; load average at the start {m['load_average'][0]:.1f}).",
         f"Settings: Fashion-MNIST, cnn-small, recipe {s['recipe']}; {s['subjects']} random "
         f"subjects of {s['per_subject']} training samples; alpha {s['alpha']}; batches of "

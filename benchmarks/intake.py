@@ -61,6 +61,7 @@ from app.auth.models import Role  # noqa: E402
 from app.core import migrate  # noqa: E402
 from app.core.db import make_engine, make_sessionmaker, session_scope  # noqa: E402
 from app.requests.models import DeletionRequest  # noqa: E402
+from unlearning.machine import describe  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -107,13 +108,6 @@ def ensure_wrk() -> str:
     return found
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -140,12 +134,9 @@ def versions(wrk: str) -> dict[str, str]:
 
 
 def describe_machine(wrk: str) -> dict[str, Any]:
-    return {
-        "cpu_model": cpu_model(), "cpus": os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "kernel": platform.release(), "loadavg_before": loadavg(),
-        "busiest_before": top_processes(), "versions": versions(wrk),
-    }
+    """The engine's description of the machine, with its load and the software measured."""
+    return {**describe(), "loadavg_before": loadavg(), "busiest_before": top_processes(),
+            "versions": versions(wrk)}
 
 
 @dataclass
@@ -490,7 +481,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         "",
         "CPU from /proc while each run lasted. Per request: the side's server processes and the "
         "PostgreSQL backends of the benchmark database. Machine: cores busy (of "
-        f"{machine['cpus']}), and how many of them went to processes that are not this "
+        f"{machine['cores']}), and how many of them went to processes that are not this "
         "benchmark (other engineers' jobs).",
         "",
         "| side | connections | round | requests/s | p50 ms | p99 ms | errors | CPU ms/request "
@@ -520,7 +511,7 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         "",
         "## Machine",
         "",
-        f"- CPU: {machine['cpu_model']}, {machine['cpus']} cores, shared by both servers' "
+        f"- CPU: {machine['cpu']}, {machine['cores']} cores, shared by both servers' "
         f"workers, PostgreSQL and wrk; {machine['memory_gib']} GiB; Linux {machine['kernel']}",
         f"- load average before: {machine['loadavg_before']}, after: "
         f"{machine['loadavg_after']}",
@@ -567,7 +558,7 @@ def main() -> None:
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     machine = describe_machine(wrk)
     code = code_state()
-    print(f"machine: {machine['cpu_model']}, {machine['cpus']} cores, load "
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, load "
           f"{machine['loadavg_before']}", flush=True)
     runs: list[Run] = []
     with throwaway_database() as url, tempfile.TemporaryDirectory() as tmp:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from torch import nn
 from unlearning.architectures import build_model
 from unlearning.data.datasets import ImageDataset, load_dataset
 from unlearning.loops import ProgressCallback, SampleSet
+from unlearning.machine import describe as describe_machine
 from unlearning.methods import get_method
 from unlearning.runtime import resolve_device, seed_everything
 from unlearning.scenarios import Scenario, Trigger, poison, select_forget_samples
@@ -94,23 +93,6 @@ class SeedData:
     test: SampleSet
     scenario: Scenario
     cache_key: dict[str, Any]
-
-
-def machine_description(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    description = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-                   "torch_threads": torch.get_num_threads(), "device": str(device),
-                   "python": platform.python_version()}
-    if device.type == "cuda":
-        description["gpu"] = torch.cuda.get_device_name(device)
-    return description
 
 
 def _input_channels_and_size(dataset: ImageDataset) -> dict[str, int]:
@@ -298,7 +280,7 @@ def run_lab(config: LabConfig, *, progress_factory: Callable[[str], ProgressCall
             runs.append(run)
             log(f"seed {seed} {method.name:8s} {_brief(run)} rte {run['rte']:.1f} "
                 f"retdev {run['retdev']:.4f}")
-    return {"config": config.to_dict(), "machine": machine_description(device),
+    return {"config": config.to_dict(), "machine": describe_machine(device),
             "rte_clock": clock,
             "original": _summary(originals), "retrain": _summary(retrains), "runs": runs,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -60,6 +60,9 @@ def test_lab_run_writes_the_documented_json_for_padded_inputs(tmp_path: Path) ->
                 "mia_auc", "attack_success_rate", "seconds", "rte", "retdev",
                 "steps"} <= run.keys()
         assert run["attack_success_rate"] is None
+    assert {"cpu", "cores", "memory_gib", "torch", "torch_threads", "python"} <= (
+        written["machine"].keys())
+    assert written["machine"]["device"] == "cpu" and "gpu" not in written["machine"]
     # the model really was built for and fed 3x12x12 images: the cached weights say so
     cached = list((tmp_path / "lab-cache" / "digits").glob("*.json"))
     assert cached and all(json.loads(p.read_text())["arch"]["kwargs"]["in_channels"] == 3
