@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import httpx
+from celery import Task
 from sqlalchemy.orm import Session
 
 from app.jobs import service as jobs
@@ -65,7 +66,7 @@ def build_references(set_id: int) -> str:
 
 
 @celery_app.task(name="lethe.run_job", bind=True)
-def run_job(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
+def run_job(self: Task, job_id: str) -> str:
     ctx = context.current()
     outcome = pipeline.run(ctx, job_id, task_id=self.request.id)
     if outcome == "requeued":

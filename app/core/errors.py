@@ -251,7 +251,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(DBAPIError)
     async def _database_error(request: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated:
-            return await _database_down(request, OperationalError(None, None, exc.orig))
+            return await _database_down(request, OperationalError(None, None, exc.orig or exc))
         log.exception("database error on %s", request.url.path)
         return problem_response(
             500, slug="internal-error", detail="An internal error occurred.",

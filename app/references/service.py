@@ -7,9 +7,10 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import CursorResult, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.audit import service as audit
@@ -212,7 +213,7 @@ def store_reference(db_session: Session, *, set_id: int, index: int,
     assert reference_set is not None
     db_session.execute(delete(ReferenceStatistic).where(
         ReferenceStatistic.set_id == set_id, ReferenceStatistic.reference_index == index))
-    db_session.execute(ReferenceStatistic.__table__.insert(), [
+    db_session.execute(insert(ReferenceStatistic), [
         {"set_id": set_id, "sample_id": sample_id, "reference_index": index, "phi": phi}
         for sample_id, phi in rows])
     reference_set.completed = len(set(db_session.scalars(
@@ -310,6 +311,7 @@ def erase_samples(db_session: Session, sample_ids: Sequence[int]) -> int:
     that tombstones them). Returns the rows deleted."""
     deleted = 0
     for chunk in range(0, len(sample_ids), 5000):
-        deleted += db_session.execute(delete(ReferenceStatistic).where(
-            ReferenceStatistic.sample_id.in_(sample_ids[chunk:chunk + 5000]))).rowcount or 0
+        result = cast(CursorResult[Any], db_session.execute(delete(ReferenceStatistic).where(
+            ReferenceStatistic.sample_id.in_(sample_ids[chunk:chunk + 5000]))))
+        deleted += result.rowcount or 0
     return deleted
