@@ -25,6 +25,7 @@ from app.models_registry.artifacts import StagedArtifact
 from app.models_registry.models import Model, ModelVersion, Policy
 from app.observability.request_id import request_id_context
 from app.references import service as references
+from app.requests import lifecycle
 from app.requests import service as requests
 from app.requests.models import DeletionRequest
 from unlearning.architectures import build_model
@@ -274,7 +275,7 @@ def load_job_data(db_session: Session, ctx: WorkerContext, job: UnlearningJob,
     the requests that need it, named in ``failed_requests`` with the reason; their samples go
     back to the retain set. An unreadable retain, holdout or test sample is left out."""
     wanted: dict[str, list[Sample]] = {}  # request -> the samples it covers
-    for target in jobs.targets_of(db_session, job.id):
+    for target in lifecycle.targets_of(db_session, job_id=job.id):
         if target.status not in ("processing", "verifying"):
             continue
         request = db_session.get(DeletionRequest, target.request_id)
@@ -336,7 +337,7 @@ def scenario_for(db_session: Session, job: UnlearningJob, forget: SampleSet) -> 
     # Poisoned samples carry the attacker's target label; the batch's most common label is it.
     target_label = Counter(forget.y.tolist()).most_common(1)[0][0] if len(forget) else 0
     trigger = None
-    for target in jobs.targets_of(db_session, job.id):
+    for target in lifecycle.targets_of(db_session, job_id=job.id):
         request = db_session.get(DeletionRequest, target.request_id)
         spec = request.payload.get("trigger") if request else None
         if isinstance(spec, dict):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, select, update
+from sqlalchemy import ColumnElement, and_, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,7 +32,7 @@ from app.models_registry import service as registry
 from app.models_registry.artifacts import ArtifactStore, StagedArtifact
 from app.models_registry.models import Model, ModelVersion, Policy, VersionStatus
 from app.references import service as references
-from app.requests import service as requests
+from app.requests import lifecycle
 from app.requests.models import DeletionRequest, DeletionTarget, RequestStatus, TargetStatus
 
 log = logging.getLogger(__name__)
@@ -101,31 +101,6 @@ def _lock_delivery(db_session: Session, job_id: str, attempt: int, *, write: str
     db_session.commit()
     log.warning("refused %s: %s", write, stale)
     raise stale
-
-
-def targets_of(db_session: Session, job_id: str) -> list[DeletionTarget]:
-    return list(db_session.scalars(select(DeletionTarget).where(
-        DeletionTarget.job_id == job_id).order_by(DeletionTarget.id)))
-
-
-def _move_targets(db_session: Session, job: UnlearningJob, *, from_: Iterable[str],
-                  to: TargetStatus, **values: Any) -> list[str]:
-    """Compare-and-set the job's targets; returns the ids of the requests touched."""
-    targets = db_session.scalars(select(DeletionTarget).where(
-        DeletionTarget.job_id == job.id, DeletionTarget.status.in_(list(from_)))).all()
-    now = utcnow()
-    for target in targets:
-        target.status, target.updated_at = to.value, now
-        for key, value in values.items():
-            setattr(target, key, value)
-    return sorted({t.request_id for t in targets})
-
-
-def _sync_requests(db_session: Session, request_ids: Iterable[str], **details: Any) -> None:
-    for request_id in request_ids:
-        request = db_session.get(DeletionRequest, request_id)
-        if request is not None:
-            requests.sync_status(db_session, request, actor=SYSTEM, details=details or None)
 
 
 # ---- batching -----------------------------------------------------------------------------
@@ -252,10 +227,7 @@ def claim(db_session: Session, *, job_id: str, worker_host: str, task_id: str | 
         _fail(db_session, job, reason=f"gave up after {job.attempt} deliveries "
                                       "(the worker was lost each time)")
         return None
-    request_ids = _move_targets(db_session, job, from_=[TargetStatus.queued.value,
-                                                        TargetStatus.processing.value,
-                                                        TargetStatus.verifying.value],
-                                to=TargetStatus.processing)
+    request_ids = lifecycle.move_targets(db_session, job_id=job.id, to=TargetStatus.processing)
     if not request_ids:  # every target was canceled before the job started
         job.status, job.finished_at = JobStatus.canceled.value, now
         _job_event(db_session, job, "canceled", reason="no targets left")
@@ -273,7 +245,7 @@ def claim(db_session: Session, *, job_id: str, worker_host: str, task_id: str | 
     job.heartbeat_at = now
     _job_event(db_session, job, "started", attempt=job.attempt, worker=worker_host,
                base_version=base.number)
-    _sync_requests(db_session, request_ids)
+    lifecycle.sync_statuses(db_session, request_ids, actor=SYSTEM)
     db_session.commit()
     return job
 
@@ -311,9 +283,8 @@ def is_canceled(db_session: Session, *, job_id: str) -> bool:
 def begin_verification(db_session: Session, *, job_id: str, attempt: int) -> None:
     job = _lock_delivery(db_session, job_id, attempt, write="begin_verification")
     job.status, job.phase = JobStatus.verifying.value, "verifying"
-    request_ids = _move_targets(db_session, job, from_=[TargetStatus.processing.value],
-                                to=TargetStatus.verifying)
-    _sync_requests(db_session, request_ids)
+    request_ids = lifecycle.move_targets(db_session, job_id=job.id, to=TargetStatus.verifying)
+    lifecycle.sync_statuses(db_session, request_ids, actor=SYSTEM)
     db_session.commit()
 
 
@@ -352,9 +323,11 @@ def escalate(db_session: Session, *, job_id: str, attempt: int, level: int,
     job.report = report
     _job_event(db_session, job, "escalated", from_level=previous, to_level=level,
                to=ESCALATION_NAMES[level], reasons=report.get("reasons", []))
-    request_ids = _move_targets(db_session, job, from_=[TargetStatus.verifying.value],
-                                to=TargetStatus.processing)
-    _sync_requests(db_session, request_ids, escalation=ESCALATION_NAMES[level])
+    request_ids = lifecycle.move_targets(db_session, job_id=job.id,
+                                         from_={TargetStatus.verifying},
+                                         to=TargetStatus.processing)
+    lifecycle.sync_statuses(db_session, request_ids, actor=SYSTEM,
+                            details={"escalation": ESCALATION_NAMES[level]})
     db_session.commit()
 
 
@@ -376,19 +349,16 @@ def fail_requests(db_session: Session, *, job_id: str, attempt: int,
     must not hold back the rest of its batch. Returns whether the job goes on; it fails when
     none of its requests is left."""
     job = _lock_delivery(db_session, job_id, attempt, write="fail_requests")
-    now = utcnow()
-    touched = set()
-    for target in targets_of(db_session, job.id):
-        if target.request_id in request_reasons and target.status in (
-                TargetStatus.processing.value, TargetStatus.verifying.value):
-            target.status, target.updated_at = TargetStatus.failed.value, now
-            target.failure_reason = request_reasons[target.request_id]
-            touched.add(target.request_id)
-    _job_event(db_session, job, "requests_failed", requests=sorted(touched))
-    for request_id in sorted(touched):
-        _sync_requests(db_session, [request_id], reason=request_reasons[request_id])
+    touched = lifecycle.move_targets(
+        db_session, job_id=job.id, request_ids=list(request_reasons), to=TargetStatus.failed,
+        from_={TargetStatus.processing, TargetStatus.verifying},
+        values={"failure_reason": _per_request(request_reasons, otherwise=None)})
+    _job_event(db_session, job, "requests_failed", requests=touched)
+    for request_id in touched:
+        lifecycle.sync_statuses(db_session, [request_id], actor=SYSTEM,
+                                details={"reason": request_reasons[request_id]})
     if not any(t.status in (TargetStatus.processing.value, TargetStatus.verifying.value)
-               for t in targets_of(db_session, job.id)):
+               for t in lifecycle.targets_of(db_session, job_id=job.id)):
         _fail(db_session, job, reason="none of the batch's requests could be served: "
                                       + "; ".join(sorted(set(request_reasons.values()))))
         return False
@@ -402,17 +372,11 @@ def _fail(db_session: Session, job: UnlearningJob, *, reason: str,
     job.status, job.finished_at, job.failure_reason = JobStatus.failed.value, utcnow(), reason
     if report is not None:
         job.report = report
-    targets = [t for t in targets_of(db_session, job.id) if t.status in (
-        TargetStatus.queued.value, TargetStatus.processing.value, TargetStatus.verifying.value)]
-    request_ids = _move_targets(
-        db_session, job, from_=[TargetStatus.queued.value, TargetStatus.processing.value,
-                                TargetStatus.verifying.value],
-        to=TargetStatus.failed, failure_reason=reason)
-    for target in targets:
-        if request_reasons and target.request_id in request_reasons:
-            target.failure_reason = request_reasons[target.request_id]
+    request_ids = lifecycle.move_targets(
+        db_session, job_id=job.id, to=TargetStatus.failed,
+        values={"failure_reason": _per_request(request_reasons or {}, otherwise=reason)})
     _job_event(db_session, job, "failed", reason=reason)
-    _sync_requests(db_session, request_ids, reason=reason)
+    lifecycle.sync_statuses(db_session, request_ids, actor=SYSTEM, details={"reason": reason})
     db_session.commit()
 
 
@@ -464,9 +428,8 @@ def _lock_for_completion(db_session: Session, job_id: str, attempt: int, *, writ
 def _complete(db_session: Session, job: UnlearningJob, version: ModelVersion, *,
               forgotten: dict[int, str], signer: Signer, report: dict[str, Any]) -> None:
     now = utcnow()
-    request_ids = _move_targets(db_session, job, from_=[TargetStatus.processing.value,
-                                                        TargetStatus.verifying.value],
-                                to=TargetStatus.completed, version_id=version.id)
+    request_ids = lifecycle.move_targets(db_session, job_id=job.id, to=TargetStatus.completed,
+                                         values={"version_id": version.id})
     for sample_ids, request_id in _by_request(forgotten):
         db_session.execute(update(Sample).where(Sample.id.in_(sample_ids),
                                                 Sample.forgotten_at.is_(None))
@@ -474,7 +437,8 @@ def _complete(db_session: Session, job: UnlearningJob, version: ModelVersion, *,
                            .execution_options(synchronize_session=False))
     # a forgotten sample's reference statistics go in the same transaction as its tombstone
     references.erase_samples(db_session, list(forgotten))
-    _sync_requests(db_session, request_ids, version=version.number)
+    lifecycle.sync_statuses(db_session, request_ids, actor=SYSTEM,
+                            details={"version": version.number})
     for request_id in request_ids:
         request = db_session.get(DeletionRequest, request_id)
         if request is not None and request.status == RequestStatus.completed:
@@ -493,6 +457,15 @@ def requeue(db_session: Session, *, job_id: str, attempt: int, reason: str) -> N
     job.status, job.phase = JobStatus.queued.value, f"requeued: {reason}"
     _job_event(db_session, job, "requeued", reason=reason)
     db_session.commit()
+
+
+def _per_request(reasons: dict[str, str], *, otherwise: str | None) -> Any:
+    """A target's failure reason: its request's own where ``reasons`` has one (a requester
+    reads its own request's failure, never another client's request ids), else
+    ``otherwise``; as one SQL expression, so one UPDATE writes them all."""
+    if not reasons:
+        return otherwise
+    return case(reasons, value=DeletionTarget.request_id, else_=otherwise)
 
 
 def _by_request(forgotten: dict[int, str]) -> list[tuple[list[int], str]]:
@@ -557,7 +530,8 @@ def to_read(db_session: Session, job: UnlearningJob) -> JobRead:
         phase=job.phase, percent=job.percent, step=job.step, total_steps=job.total_steps,
         metrics=job.metrics or {}, report=job.report, worker_host=job.worker_host,
         base_version=base.number if base else None, result_version=result,
-        request_ids=sorted({t.request_id for t in targets_of(db_session, job.id)}),
+        request_ids=sorted({t.request_id for t in lifecycle.targets_of(db_session,
+                                                                     job_id=job.id)}),
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         heartbeat_at=job.heartbeat_at, failure_reason=job.failure_reason)
 

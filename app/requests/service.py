@@ -1,13 +1,5 @@
-"""The deletion-request lifecycle: intake, target resolution, every state transition, queries.
-
-Every transition happens here, sets its timestamp and writes its audit event in the same
-transaction. Routes and Celery tasks call these functions; they never set a status themselves.
-
-    received -> queued -> processing -> verifying -> completed
-        |   \\-> awaiting_approval -> queued | rejected (denied)
-        |          \\-> canceled (before processing)       \\-> failed -> queued (retry)
-        \\-> rejected (nothing held: outcome no_data)
-"""
+"""Deletion requests: intake, target resolution, queries. The transitions a request and its
+targets may make are in lifecycle.py."""
 
 from __future__ import annotations
 
@@ -21,11 +13,10 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
-from app.audit import service as audit
 from app.auth.models import Role
 from app.auth.service import Principal
 from app.core.db import utcnow
@@ -44,6 +35,7 @@ from app.datasets.models import Sample
 from app.models_registry.models import Model, ModelVersion, Policy
 from app.observability.request_id import get_request_id
 from app.references import service as references
+from app.requests import lifecycle
 from app.requests.models import (
     OPEN,
     BackdoorRequest,
@@ -67,30 +59,6 @@ SCENARIO_OF_KIND = {RequestKind.subject: "subset", RequestKind.samples: "subset"
 # Kinds that act on a model as a whole, and the roles that may always send them.
 SCENARIO_KINDS = {RequestKind.class_, RequestKind.backdoor}
 SCENARIO_ROLES = {Role.operator, Role.admin}
-# Open targets, least advanced first: a request is as far along as its slowest target.
-TARGET_PROGRESS = [TargetStatus.awaiting_approval, TargetStatus.queued, TargetStatus.processing,
-                   TargetStatus.verifying]
-CANCELABLE_TARGETS = {TargetStatus.awaiting_approval.value, TargetStatus.queued.value}
-CANCELABLE_REQUESTS = {RequestStatus.received.value, RequestStatus.awaiting_approval.value,
-                       RequestStatus.queued.value}
-# The request-level transitions the lifecycle allows; anything else is a 409.
-ALLOWED = {
-    RequestStatus.received: {RequestStatus.queued, RequestStatus.awaiting_approval,
-                             RequestStatus.rejected, RequestStatus.canceled},
-    RequestStatus.awaiting_approval: {RequestStatus.queued, RequestStatus.rejected,
-                                      RequestStatus.canceled},
-    RequestStatus.queued: {RequestStatus.processing, RequestStatus.canceled,
-                           RequestStatus.completed, RequestStatus.failed},
-    RequestStatus.processing: {RequestStatus.verifying, RequestStatus.queued,
-                               RequestStatus.failed, RequestStatus.completed},
-    RequestStatus.verifying: {RequestStatus.completed, RequestStatus.failed,
-                              RequestStatus.processing, RequestStatus.queued},
-    RequestStatus.failed: {RequestStatus.queued, RequestStatus.processing,
-                           RequestStatus.completed},
-    RequestStatus.completed: set(),
-    RequestStatus.canceled: set(),
-    RequestStatus.rejected: set(),
-}
 AnyCreate = SubjectRequest | SamplesRequest | ClassRequest | BackdoorRequest
 
 
@@ -444,12 +412,13 @@ def _intake(db_session: Session, submission: Submission, body_fingerprint: str,
         due_at=now + timedelta(days=due_days),
     )
     db_session.add(request)
-    _audit(db_session, request, principal.actor, "received", {"kind": body.kind})
+    lifecycle.audit_event(db_session, request, principal.actor, "received",
+                          {"kind": body.kind})
     if not resolution.counts:
         request.outcome = Outcome.no_data.value
         request.reason = "No model holds data this request covers."
-        _transition(db_session, request, RequestStatus.rejected, principal.actor, now=now,
-                    subscribed=resolution.subscribed)
+        lifecycle.transition(db_session, request, RequestStatus.rejected, principal.actor,
+                             now=now, subscribed=resolution.subscribed)
         return request, []
     scenario = SCENARIO_OF_KIND[RequestKind(body.kind)]
     if isinstance(body, ClassRequest):  # one class per job: the engine forgets one at a time
@@ -463,75 +432,14 @@ def _intake(db_session: Session, submission: Submission, body_fingerprint: str,
             sample_count=count, queued_at=None if needs_approval else now, updated_at=now))
     db_session.add_all(targets)  # flushed in this order, the order to_read lists them in
     # What sync_status would read back from the targets just written.
-    request_status, outcome = derive_status(t.status for t in targets)
+    request_status, outcome = lifecycle.derive_status(t.status for t in targets)
     request.outcome = outcome.value if outcome else None
-    _transition(db_session, request, request_status, principal.actor, now=now,
-                subscribed=resolution.subscribed)
+    lifecycle.transition(db_session, request, request_status, principal.actor, now=now,
+                         subscribed=resolution.subscribed)
     return request, [TargetRead(model=resolution.models[t.model_id].name,
                                 status=TargetStatus(t.status), scenario=t.scenario,
                                 sample_count=t.sample_count, job_id=None, version=None,
                                 failure_reason=None) for t in targets]
-
-
-# ---- transitions --------------------------------------------------------------------------
-
-
-def _audit(db_session: Session, request: DeletionRequest, actor: str, what: str,
-           details: dict[str, Any] | None = None) -> None:
-    audit.record(db_session, actor=actor, action=f"deletion_request.{what}",
-                 entity_type="deletion_request", entity_id=request.id, details=details or {})
-
-
-def _transition(db_session: Session, request: DeletionRequest, to: RequestStatus, actor: str,
-                *, now: datetime | None = None, details: dict[str, Any] | None = None,
-                subscribed: bool = True) -> None:
-    current = RequestStatus(request.status)
-    if to == current:
-        return
-    if to not in ALLOWED[current]:
-        raise Conflict(f"A {current.value} request cannot become {to.value}.",
-                       current_status=current.value)
-    now = now or utcnow()
-    request.status = to.value
-    request.updated_at = now
-    setattr(request, f"{to.value}_at", now)
-    _audit(db_session, request, actor, to.value, {"from": current.value, **(details or {})})
-    webhooks.enqueue(db_session, client_id=request.client_id,
-                     event=f"deletion_request.{to.value}",
-                     payload={"id": request.id, "status": to.value, "outcome": request.outcome,
-                              "previous_status": current.value, "at": now.isoformat()},
-                     subscribed=subscribed)
-
-
-def targets_of(db_session: Session, request_id: str) -> list[DeletionTarget]:
-    return list(db_session.scalars(select(DeletionTarget).where(
-        DeletionTarget.request_id == request_id).order_by(DeletionTarget.id)))
-
-
-def derive_status(statuses: Iterable[str]) -> tuple[RequestStatus, Outcome | None]:
-    """A request is as far along as its slowest open target; once none is open, its outcome
-    is decided by what its targets ended as."""
-    statuses = [TargetStatus(s) for s in statuses]
-    open_ = [s for s in statuses if s in TARGET_PROGRESS]
-    if open_:
-        slowest = min(open_, key=TARGET_PROGRESS.index)
-        return RequestStatus(slowest.value), None
-    if TargetStatus.failed in statuses:
-        return RequestStatus.failed, Outcome.failed
-    if TargetStatus.completed in statuses:
-        return RequestStatus.completed, Outcome.forgotten
-    if TargetStatus.denied in statuses:
-        return RequestStatus.rejected, Outcome.denied
-    return RequestStatus.canceled, Outcome.canceled
-
-
-def sync_status(db_session: Session, request: DeletionRequest, *, actor: str,
-                now: datetime | None = None, details: dict[str, Any] | None = None) -> None:
-    """Bring a request's status in line with its targets (after targets changed)."""
-    db_session.flush()
-    status, outcome = derive_status(t.status for t in targets_of(db_session, request.id))
-    request.outcome = outcome.value if outcome else None
-    _transition(db_session, request, status, actor, now=now, details=details)
 
 
 def get(db_session: Session, *, request_id: str, principal: Principal) -> DeletionRequest:
@@ -540,73 +448,6 @@ def get(db_session: Session, *, request_id: str, principal: Principal) -> Deleti
     if request is None or (principal.role == Role.requester
                            and request.client_id != principal.client_id):
         raise NotFound(f"Deletion request {request_id!r} does not exist.")
-    return request
-
-
-def _set_targets(db_session: Session, request: DeletionRequest, *, from_: set[str],
-                 to: TargetStatus, **values: Any) -> int:
-    """Compare-and-set on the targets' status, so a worker picking a target up and a client
-    canceling it cannot both win."""
-    result = db_session.execute(
-        update(DeletionTarget)
-        .where(DeletionTarget.request_id == request.id, DeletionTarget.status.in_(from_))
-        .values(status=to.value, updated_at=utcnow(), **values)
-        .execution_options(synchronize_session=False))
-    db_session.expire_all()
-    return result.rowcount
-
-
-def cancel(db_session: Session, *, request: DeletionRequest, actor: str) -> DeletionRequest:
-    if request.status not in CANCELABLE_REQUESTS:
-        raise Conflict(f"A {request.status} request can no longer be canceled; only requests "
-                       "that have not started processing can.", current_status=request.status)
-    targets = targets_of(db_session, request.id)
-    changed = _set_targets(db_session, request, from_=CANCELABLE_TARGETS,
-                           to=TargetStatus.canceled)
-    if changed != len(targets):
-        db_session.rollback()
-        raise Conflict("Processing started meanwhile; the request can no longer be canceled.")
-    request.outcome = Outcome.canceled.value
-    _transition(db_session, request, RequestStatus.canceled, actor)
-    db_session.commit()
-    return request
-
-
-def approve(db_session: Session, *, request: DeletionRequest, actor: str) -> DeletionRequest:
-    if request.status != RequestStatus.awaiting_approval:
-        raise Conflict(f"Only requests awaiting approval can be approved; this one is "
-                       f"{request.status}.", current_status=request.status)
-    now = utcnow()
-    _set_targets(db_session, request, from_={TargetStatus.awaiting_approval.value},
-                 to=TargetStatus.queued, queued_at=now)
-    sync_status(db_session, request, actor=actor, now=now, details={"approved": True})
-    db_session.commit()
-    return request
-
-
-def deny(db_session: Session, *, request: DeletionRequest, reason: str, actor: str
-         ) -> DeletionRequest:
-    if request.status != RequestStatus.awaiting_approval:
-        raise Conflict(f"Only requests awaiting approval can be denied; this one is "
-                       f"{request.status}.", current_status=request.status)
-    _set_targets(db_session, request, from_={TargetStatus.awaiting_approval.value},
-                 to=TargetStatus.denied, failure_reason=reason)
-    request.reason = reason
-    sync_status(db_session, request, actor=actor, details={"reason": reason})
-    db_session.commit()
-    return request
-
-
-def retry(db_session: Session, *, request: DeletionRequest, actor: str) -> DeletionRequest:
-    if request.status != RequestStatus.failed:
-        raise Conflict(f"Only failed requests can be retried; this one is {request.status}.",
-                       current_status=request.status)
-    now = utcnow()
-    _set_targets(db_session, request, from_={TargetStatus.failed.value},
-                 to=TargetStatus.queued, job_id=None, failure_reason=None, queued_at=now)
-    request.reason = None
-    sync_status(db_session, request, actor=actor, now=now, details={"retry": True})
-    db_session.commit()
     return request
 
 

@@ -1,4 +1,4 @@
-"""Routes for deletion requests: thin; the lifecycle lives in service.py."""
+"""Routes for deletion requests: thin; the lifecycle lives in lifecycle.py."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from app.core.fields import NAIVE_IS_UTC, UTCDatetime
 from app.core.group_commit import GroupCommit
 from app.core.spreadsheet import inert_cell
 from app.observability.request_id import get_request_id
-from app.requests import service
+from app.requests import lifecycle, service
 from app.requests.intake import Presented
 from app.requests.models import (
     CREATE_EXAMPLES,
@@ -182,7 +182,7 @@ def get_request(request_id: str, db_session: SessionDep, principal: Reader
 def cancel_request(request_id: str, db_session: SessionDep, principal: Submitter
                    ) -> DeletionRequestRead:
     request = service.get(db_session, request_id=request_id, principal=principal)
-    service.cancel(db_session, request=request, actor=principal.actor)
+    lifecycle.cancel(db_session, request=request, actor=principal.actor)
     return _one(db_session, request_id, principal)
 
 
@@ -192,7 +192,7 @@ def cancel_request(request_id: str, db_session: SessionDep, principal: Submitter
 def approve_request(request_id: str, db_session: SessionDep, principal: Operator
                     ) -> DeletionRequestRead:
     request = service.get(db_session, request_id=request_id, principal=principal)
-    service.approve(db_session, request=request, actor=principal.actor)
+    lifecycle.approve(db_session, request=request, actor=principal.actor)
     return _one(db_session, request_id, principal)
 
 
@@ -202,7 +202,7 @@ def approve_request(request_id: str, db_session: SessionDep, principal: Operator
 def deny_request(request_id: str, body: DenyBody, db_session: SessionDep, principal: Operator
                  ) -> DeletionRequestRead:
     request = service.get(db_session, request_id=request_id, principal=principal)
-    service.deny(db_session, request=request, reason=body.reason, actor=principal.actor)
+    lifecycle.deny(db_session, request=request, reason=body.reason, actor=principal.actor)
     return _one(db_session, request_id, principal)
 
 
@@ -212,5 +212,5 @@ def deny_request(request_id: str, body: DenyBody, db_session: SessionDep, princi
 def retry_request(request_id: str, db_session: SessionDep, principal: Operator
                   ) -> DeletionRequestRead:
     request = service.get(db_session, request_id=request_id, principal=principal)
-    service.retry(db_session, request=request, actor=principal.actor)
+    lifecycle.retry(db_session, request=request, actor=principal.actor)
     return _one(db_session, request_id, principal)

@@ -34,6 +34,7 @@ from app.jobs.models import UnlearningJob
 from app.models_registry import service as registry
 from app.models_registry.artifacts import ArtifactStore, StagedArtifact
 from app.models_registry.models import Model, ModelVersion, Policy
+from app.requests import lifecycle
 from app.requests import service as requests
 from app.requests.models import SubjectRequest
 from tests.api.seed import MLP
@@ -95,7 +96,7 @@ class Deployment:
 
     def forgotten(self) -> dict[int, str]:
         with self.session() as db_session:
-            (target,) = jobs.targets_of(db_session, self.job_id)
+            (target,) = lifecycle.targets_of(db_session, job_id=self.job_id)
             samples = db_session.scalars(select(Sample).where(
                 Sample.subject_hash == subject_hash(SECRET, "customer-0"))).all()
             return {sample.id: target.request_id for sample in samples}
@@ -245,7 +246,7 @@ def test_every_state_change_of_a_stale_delivery_is_refused_and_recorded(
             after.failure_reason) == ("running", 2, before.phase, 0, None, None)
     assert deployment.versions() == [(1, "published")]
     with deployment.session() as db_session:
-        (target,) = jobs.targets_of(db_session, deployment.job_id)
+        (target,) = lifecycle.targets_of(db_session, job_id=deployment.job_id)
         assert target.status == "processing"
     action, details = deployment.events()[-1]
     assert (action, details["write"], details["attempt"]) == (

@@ -30,6 +30,7 @@ from app.models_registry.artifacts import ArtifactStore, StagedArtifact
 from app.models_registry.models import Model, Policy, VersionStatus
 from app.references import service as references
 from app.references.models import ReferenceSet
+from app.requests import lifecycle
 from app.requests import service as requests
 from app.requests.models import ClassRequest, DeletionRequest, RequestStatus, SubjectRequest
 from unlearning.verification.per_sample import PerSampleEvidence, RequestEvidence
@@ -135,7 +136,7 @@ def _staged(store: ArtifactStore) -> StagedArtifact:
 
 def _forgotten(db_session: Session, job_id: str) -> dict[int, str]:
     forgotten: dict[int, str] = {}
-    for target in jobs.targets_of(db_session, job_id):
+    for target in lifecycle.targets_of(db_session, job_id=job_id):
         request = db_session.get(DeletionRequest, target.request_id)
         assert request is not None
         model = db_session.get(Model, target.model_id)
@@ -284,7 +285,7 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
         seeded.requests["no_data"] = nothing.id
         canceled = _submit(db_session, acme, secret_key,
                            SubjectRequest(kind="subject", subject_ref="customer-9", model=MODEL))
-        requests.cancel(db_session, request=canceled, actor="key:seed")
+        lifecycle.cancel(db_session, request=canceled, actor="key:seed")
         seeded.requests["canceled"] = canceled.id
         held = _submit(db_session, acme, secret_key,
                        SubjectRequest(kind="subject", subject_ref="customer-10",

@@ -21,7 +21,7 @@ from app.core.db import session_scope
 from app.dashboard import service
 from app.dashboard.service import NO_PER_SAMPLE, deadline_class
 from app.references.service import WAITING_REASON
-from app.requests import service as requests_service
+from app.requests import lifecycle
 from app.requests.models import DeletionRequest
 from tests.dashboard.conftest import World, csrf_of, login_token, sign_in
 
@@ -313,7 +313,7 @@ def test_request_page_shows_its_own_evidence_and_why_it_waits(auditor: TestClien
     with session_scope(world.app.state.sessionmaker) as db_session:
         request = db_session.get(DeletionRequest, seeded.requests["awaiting_approval"])
         assert request is not None
-        requests_service.approve(db_session, request=request, actor="key:test")
+        lifecycle.approve(db_session, request=request, actor="key:test")
     assert f'data-waiting="digits-mlp">{WAITING_REASON}<' in auditor.get(held).text
 
 
