@@ -8,6 +8,7 @@ The BadNets helper builds the backdoored originals the backdoor scenario starts 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -87,6 +88,25 @@ class Scenario:
         return {"kind": self.kind, "forget_class": self.forget_class,
                 "target_label": self.target_label,
                 "trigger": self.trigger.to_dict() if self.trigger else None}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> Scenario:
+        """The scenario ``to_dict`` wrote (ValueError for anything else)."""
+        try:
+            trigger = value.get("trigger")
+            return cls(kind=value["kind"], forget_class=value.get("forget_class"),
+                       target_label=value.get("target_label"),
+                       trigger=Trigger(**trigger) if trigger else None)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a scenario: {value!r} ({exc})") from None
+
+    def label(self) -> str:
+        """For people: ``subset``, ``class 3``, ``backdoor -> 7``."""
+        if self.kind == "class":
+            return f"class {self.forget_class}"
+        if self.kind == "backdoor":
+            return f"backdoor -> {self.target_label}"
+        return self.kind
 
     def unseen_counterpart(self, reference: SampleSet) -> SampleSet:
         """Data the model never trained on, shaped like the forget set, for the membership
