@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, machine, service_world, write_results  # noqa: E402,I001 - puts the repo on sys.path
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
 from fastapi.testclient import TestClient  # noqa: E402
 
 from app.core.config import Settings  # noqa: E402
@@ -31,6 +35,7 @@ from app.core.migrate import upgrade  # noqa: E402
 from app.jobs import service as jobs  # noqa: E402
 from app.jobs.models import UnlearningJob  # noqa: E402
 from app.main import create_app  # noqa: E402
+from benchmarks.common import RESULTS, machine, service_world, write_results  # noqa: E402
 from worker import pipeline  # noqa: E402
 from worker.context import WorkerContext  # noqa: E402
 from worker.world import World, api_keys, register_world, subjects_in  # noqa: E402

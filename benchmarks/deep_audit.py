@@ -44,8 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import machine  # noqa: E402
-
+from benchmarks.common import machine  # noqa: E402
 from unlearning.architectures import build_model  # noqa: E402
 from unlearning.data.datasets import load_fashion_mnist  # noqa: E402
 from unlearning.lab import LabConfig, prepare_seed  # noqa: E402

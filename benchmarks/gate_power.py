@@ -417,6 +417,13 @@ def clopper_pearson(x: int, n: int) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def figures(values: list[float | None]) -> list[float]:
+    """Figures of testable requests: a figure is None only where nothing was testable."""
+    known = [v for v in values if v is not None]
+    assert len(known) == len(values), values
+    return known
+
+
 def rate(flags: list[bool]) -> dict[str, Any]:
     x, n = int(sum(flags)), len(flags)
     return {"flagged": x, "n": n, "rate": x / n if n else None, "ci95": clopper_pearson(x, n)}
@@ -490,7 +497,8 @@ def run_world(dataset: ImageDataset, spec: WorldSpec, args: argparse.Namespace
                     pooled=evidence.pooled_spread)
             row[model_name]["null_mean_score"] = float(np.nanmean(null))
             if model_name == "original":
-                full = [r.detectable_shift for r in tested if r.n_testable == args.per_subject]
+                full = figures([r.detectable_shift for r in tested
+                                if r.n_testable == args.per_subject])
                 detect[config.key] = {
                     "median_detectable_shift_score": float(np.median(full)) if full else None,
                     "median_detectable_shift_phi": (float(np.median(full)) *
@@ -513,7 +521,7 @@ def run_world(dataset: ImageDataset, spec: WorldSpec, args: argparse.Namespace
     # (b) batches: random partitions of the subjects
     rng = np.random.default_rng([spec.seed, 7])
     partitions = [rng.permutation(len(groups)) for _ in range(args.partitions)]
-    batch_rows: dict[str, Any] = {}
+    batch_rows: dict[str, dict[str, Any]] = {}
     batch_check = None
     for size in args.batch_sizes:
         batches = [order[i: i + size] for order in partitions
@@ -605,9 +613,9 @@ def run_world(dataset: ImageDataset, spec: WorldSpec, args: argparse.Namespace
                       for key in ("default", "alpha")}
     for size in {s for s, _ in args.match_batches}:
         runs = [r for r in match_runs if r["size"] == size]
-        row = batch_rows.get(str(size))
-        if row is None:
+        if str(size) not in batch_rows:
             continue
+        row = batch_rows[str(size)]
         row["match_population"] = {key: rate([r["population"][key] for r in runs])
                                    for key in ("default", "alpha")}
         for config in CONFIGS:

@@ -52,8 +52,6 @@ from sqlalchemy import create_engine, func, select, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import free_port  # noqa: E402
-
 from app.audit import service as audit  # noqa: E402
 from app.audit.models import AuditEvent  # noqa: E402
 from app.auth import service as keys  # noqa: E402
@@ -61,6 +59,7 @@ from app.auth.models import Role  # noqa: E402
 from app.core import migrate  # noqa: E402
 from app.core.db import make_engine, make_sessionmaker, session_scope  # noqa: E402
 from app.requests.models import DeletionRequest  # noqa: E402
+from benchmarks.common import free_port  # noqa: E402
 from unlearning.machine import describe  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -564,7 +563,7 @@ def main() -> None:
     with throwaway_database() as url, tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         migrate.upgrade(url)
-        from ceiling_app import metadata as ceiling_metadata  # benchmarks/ is on sys.path
+        from benchmarks.ceiling_app import metadata as ceiling_metadata
 
         ceiling_engine = create_engine(url)
         ceiling_metadata.create_all(ceiling_engine)

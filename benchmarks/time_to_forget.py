@@ -24,16 +24,21 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
 import httpx  # noqa: E402
-from common import RESULTS, free_port, machine, service_world, write_results  # noqa: E402,I001 - puts the repo on sys.path
 
 from app.certificates import signing  # noqa: E402
+from benchmarks.common import RESULTS, free_port, machine, service_world, write_results  # noqa: E402
 from worker.world import World, api_keys, register_world, subjects_in  # noqa: E402
 
 MODEL = "fashion-cnn"

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from app.core import migrate
@@ -27,6 +29,13 @@ def service_unavailable(what: str, error: Exception) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{message} (LETHE_REQUIRE_SERVICES=1)")
     pytest.skip(message)
+
+
+def app_of(client: TestClient) -> FastAPI:
+    """The app a test client calls, whose state (settings, sessionmaker, intake) tests read:
+    TestClient types its ``app`` as any ASGI callable."""
+    assert isinstance(client.app, FastAPI), client.app
+    return client.app
 
 
 def _database_url(admin_url: str, name: str) -> str:

@@ -13,6 +13,7 @@ from app.auth.models import Role
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.main import create_app
+from tests.conftest import app_of
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def make_key(client: TestClient) -> KeyFactory:
     """Create an API key and return the Authorization header that carries it."""
 
     def make(role: str = "requester", client_id: str = "acme") -> dict[str, str]:
-        with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+        with session_scope(app_of(client).state.sessionmaker) as db_session:
             _, plain = keys.create(db_session, role=Role(role), client_id=client_id)
         return {"Authorization": f"Bearer {plain}"}
 

@@ -10,8 +10,9 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save
 
 SHAPE = (1, 8, 8)  # the MLP below takes 8x8 single-channel images
-MLP = {"name": "mlp",
-       "kwargs": {"in_channels": 1, "input_size": 8, "num_classes": 10, "hidden": 16}}
+MLP: dict[str, Any] = {
+    "name": "mlp",
+    "kwargs": {"in_channels": 1, "input_size": 8, "num_classes": 10, "hidden": 16}}
 
 
 def manifest_rows(n_subjects: int = 5, per_subject: int = 4, holdout: int = 10,

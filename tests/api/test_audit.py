@@ -7,6 +7,7 @@ from sqlalchemy import delete, text
 
 from app.audit.models import AuditEvent
 from app.core.db import session_scope
+from tests.conftest import app_of
 
 
 def make_events(client: TestClient, operator: dict[str, str], n: int = 4) -> None:
@@ -30,7 +31,7 @@ def test_an_untouched_chain_verifies(client: TestClient, operator: dict[str, str
 def test_tampering_with_one_row_is_caught_at_that_row(
         client: TestClient, operator: dict[str, str], auditor: dict[str, str]) -> None:
     make_events(client, operator)
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         db_session.execute(text("UPDATE audit_events SET actor = 'key:someone-else' "
                                 "WHERE seq = 4"))
     result = client.get("/v1/audit/verify", headers=auditor).json()
@@ -42,7 +43,7 @@ def test_tampering_with_one_row_is_caught_at_that_row(
 def test_a_deleted_row_is_caught_as_a_gap(client: TestClient, operator: dict[str, str],
                                           auditor: dict[str, str]) -> None:
     make_events(client, operator)
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         db_session.execute(delete(AuditEvent).where(AuditEvent.seq == 3))
     result = client.get("/v1/audit/verify", headers=auditor).json()
     assert result["ok"] is False and result["first_broken"]["seq"] == 3

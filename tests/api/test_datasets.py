@@ -6,12 +6,14 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import Response
 from PIL import Image
 from sqlalchemy import select
 
 from app.core.db import session_scope
 from app.datasets.models import Sample
 from tests.api.seed import jsonl, manifest_rows, upload_shards
+from tests.conftest import app_of
 
 NDJSON = "application/x-ndjson"
 
@@ -25,7 +27,8 @@ def dataset(client: TestClient, operator: dict[str, str]) -> str:
     return "digits"
 
 
-def upload(client: TestClient, operator: dict[str, str], body: bytes, content_type: str):  # type: ignore[no-untyped-def]
+def upload(client: TestClient, operator: dict[str, str], body: bytes,
+           content_type: str) -> Response:
     return client.post("/v1/datasets/digits/samples", content=body,
                        headers={**operator, "Content-Type": content_type})
 
@@ -35,7 +38,7 @@ def test_a_jsonl_manifest_is_stored_with_subjects_hashed(
     response = upload(client, operator, jsonl(manifest_rows()), NDJSON)
     assert response.status_code == 201, response.text
     assert response.json() == {"dataset": "digits", "inserted": 30, "with_subject": 20}
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         samples = db_session.scalars(select(Sample)).all()
     assert len({s.subject_hash for s in samples if s.subject_hash}) == 5
     assert all("customer" not in (s.subject_hash or "") for s in samples)
@@ -47,7 +50,7 @@ def test_a_csv_manifest_with_a_header_is_accepted(
         client: TestClient, operator: dict[str, str], dataset: str) -> None:
     upload_shards(client, operator, "digits", [
         {"sample_key": "a", "label": 1, "locator": "shard-0.safetensors#0"}])
-    store = client.app.state.settings.resolved_dataset_dir / "digits"  # type: ignore[attr-defined]
+    store = app_of(client).state.settings.resolved_dataset_dir / "digits"
     (store / "images").mkdir()
     Image.new("L", (8, 8), color=7).save(store / "images" / "b.png")
     body = ("sample_key,subject_ref,label,split,locator\n"

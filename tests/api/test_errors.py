@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import Response
 
 from app.core.config import Settings
 from app.main import create_app
+from tests.api.conftest import KeyFactory
 from tests.api.seed import seed_model
 
 
-def assert_problem(response, status: int) -> None:  # type: ignore[no-untyped-def]
+def assert_problem(response: Response, status: int) -> None:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     body = response.json()
@@ -47,7 +50,8 @@ def test_unknown_routes_and_methods_are_problems(client: TestClient) -> None:
     assert_problem(client.delete("/healthz"), 405)
 
 
-def test_oversized_bodies_are_413(database_url: str, tmp_path, make_key) -> None:  # type: ignore[no-untyped-def]
+def test_oversized_bodies_are_413(database_url: str, tmp_path: Path,
+                                  make_key: KeyFactory) -> None:
     app = create_app(Settings(data_dir=tmp_path, database_url=database_url,
                               secret_key="s", max_body_bytes=1000))
     with TestClient(app) as small:
@@ -56,7 +60,7 @@ def test_oversized_bodies_are_413(database_url: str, tmp_path, make_key) -> None
                               headers=make_key("requester"))
         assert_problem(response, 413)
 
-        def chunks():  # type: ignore[no-untyped-def]
+        def chunks() -> Iterator[bytes]:
             yield b'{"kind": "samples", "sample_keys": ['
             for _ in range(100):
                 yield b'"' + b"k" * 100 + b'",'

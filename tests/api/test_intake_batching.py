@@ -20,6 +20,7 @@ from app.requests.intake import Presented, record_batch
 from app.requests.models import DeletionRequest, DeletionTarget, SamplesRequest, SubjectRequest
 from tests.api.conftest import KeyFactory
 from tests.api.seed import seed_model
+from tests.conftest import app_of
 
 
 def key_of(headers: dict[str, str]) -> str:
@@ -36,9 +37,9 @@ def test_one_batch_answers_each_request_as_if_it_came_alone(
     seed_model(client, operator)
     acme, other = key_of(make_key("requester", "acme")), key_of(make_key("requester", "other"))
     auditor = key_of(make_key("auditor", "compliance"))
-    app = client.app
+    app = app_of(client)
     # customer-0 was recorded earlier under the key "earlier".
-    (earlier,) = record_batch(app.state.sessionmaker, app.state.secret_key,  # type: ignore[attr-defined]
+    (earlier,) = record_batch(app.state.sessionmaker, app.state.secret_key,
                               [Presented(acme, subject("customer-0"), "earlier", None)])
     assert not isinstance(earlier, Problem)
     items = [
@@ -54,7 +55,7 @@ def test_one_batch_answers_each_request_as_if_it_came_alone(
         Presented(acme, SamplesRequest(kind="samples", sample_keys=["s-00016", "zz"]),
                   None, None),                                            # 9 samples kind
     ]
-    answers = record_batch(app.state.sessionmaker, app.state.secret_key, items)  # type: ignore[attr-defined]
+    answers = record_batch(app.state.sessionmaker, app.state.secret_key, items)
     assert len(answers) == len(items)
     assert isinstance(answers[1], Unauthorized)
     assert isinstance(answers[2], Forbidden)
@@ -72,7 +73,7 @@ def test_one_batch_answers_each_request_as_if_it_came_alone(
     samples, _ = answers[9]  # type: ignore[misc]
     assert samples.payload["missing_sample_keys"] == ["zz"]
 
-    with session_scope(app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app.state.sessionmaker) as db_session:
         stored = db_session.scalars(select(DeletionRequest).order_by(
             DeletionRequest.received_at)).all()
         assert len(stored) == 5  # earlier, customer-1 twice (two clients), nobody, samples
@@ -87,8 +88,8 @@ def test_a_value_the_database_cannot_store_fails_only_its_own_request(
     """On PostgreSQL a NUL aborts the batch's transaction; the batch is written again one by
     one, so the others are still recorded."""
     seed_model(client, operator)
-    app, key = client.app, key_of(requester)
-    answers = record_batch(app.state.sessionmaker, app.state.secret_key, [  # type: ignore[attr-defined]
+    app, key = app_of(client), key_of(requester)
+    answers = record_batch(app.state.sessionmaker, app.state.secret_key, [
         Presented(key, subject("customer-1"), "a", None),
         Presented(key, SamplesRequest(kind="samples", sample_keys=["bad\x00"]), "b", None),
         Presented(key, subject("customer-2"), "c", None),
@@ -96,7 +97,7 @@ def test_a_value_the_database_cannot_store_fails_only_its_own_request(
     assert not isinstance(answers[0], Problem) and not isinstance(answers[2], Problem)
     if database_url.startswith("postgresql"):
         assert isinstance(answers[1], Unprocessable) and answers[1].status == 422
-    with session_scope(app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app.state.sessionmaker) as db_session:
         keys = set(db_session.scalars(select(DeletionRequest.idempotency_key)))
         assert {"a", "c"} <= keys
         assert audit.verify_chain(db_session).ok
@@ -105,7 +106,7 @@ def test_a_value_the_database_cannot_store_fails_only_its_own_request(
 def test_concurrent_posts_share_transactions_and_every_answer_is_recorded(
         client: TestClient, requester: dict[str, str], operator: dict[str, str]) -> None:
     seed_model(client, operator)
-    intake: GroupCommit = client.app.state.intake  # type: ignore[attr-defined]
+    intake: GroupCommit = app_of(client).state.intake
     before = (intake.batches, intake.items)
     with ThreadPoolExecutor(max_workers=24) as pool:
         responses = list(pool.map(lambda i: client.post(
@@ -115,7 +116,7 @@ def test_concurrent_posts_share_transactions_and_every_answer_is_recorded(
     batches, items = intake.batches - before[0], intake.items - before[1]
     assert items == 96 and batches < items  # some requests were written together
     ids = {r.json()["id"] for r in responses}
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         stored = set(db_session.scalars(select(DeletionRequest.id)))
     assert len(ids) == 96 and ids <= stored
 

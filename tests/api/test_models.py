@@ -16,26 +16,28 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from httpx import Response
 from safetensors.torch import save_file
 from sqlalchemy import select, update
 
 from app.core.db import session_scope, utcnow
 from app.requests.models import DeletionRequest, DeletionTarget
 from tests.api.seed import MLP, seed_model
+from tests.conftest import app_of
 from unlearning.architectures import build_model
 
 MODEL = "digits-mlp"
 OCTET = "application/octet-stream"
 
 
-def weights_bytes(tmp_path: Path, spec: dict = MLP, seed: int = 0) -> bytes:  # type: ignore[type-arg]
+def weights_bytes(tmp_path: Path, spec: dict[str, Any] = MLP, seed: int = 0) -> bytes:
     torch.manual_seed(seed)
     path = tmp_path / f"w{seed}.safetensors"
     save_file({k: v.contiguous() for k, v in build_model(spec).state_dict().items()}, str(path))
     return path.read_bytes()
 
 
-def upload(client: TestClient, operator: dict[str, str], body: bytes):  # type: ignore[no-untyped-def]
+def upload(client: TestClient, operator: dict[str, str], body: bytes) -> Response:
     return client.post(f"/v1/models/{MODEL}/versions", content=body,
                        headers={**operator, "Content-Type": OCTET})
 
@@ -87,7 +89,7 @@ def test_anything_but_fitting_safetensors_is_422_and_never_loaded(
         client: TestClient, operator: dict[str, str], model: str, tmp_path: Path,
         name: str) -> None:
     class Boom:
-        def __reduce__(self):  # type: ignore[no-untyped-def]
+        def __reduce__(self) -> tuple[Callable[[Path], None], tuple[Path]]:
             return (Path.touch, (tmp_path / "pwned",))
 
     good = weights_bytes(tmp_path)
@@ -157,7 +159,7 @@ def test_no_alias_may_point_before_a_completed_erasure(
     request_id = client.post("/v1/deletion-requests", json={"kind": "subject",
                                                              "subject_ref": "customer-1"},
                              headers=requester).json()["id"]
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         # What a publish records: the erasure completed in version 2.
         from app.models_registry.models import ModelVersion
 
@@ -187,7 +189,7 @@ def test_weights_holding_erased_data_are_kept_for_the_grace_period_never_past_a_
     request_id = client.post("/v1/deletion-requests", json={"kind": "subject",
                                                              "subject_ref": "customer-1"},
                              headers=requester).json()["id"]
-    factory = client.app.state.sessionmaker  # type: ignore[attr-defined]
+    factory = app_of(client).state.sessionmaker
 
     def purgeable(**changes: Any) -> list[int]:
         """Version numbers the purge would take, after ``changes`` (column -> value) to the
@@ -257,7 +259,7 @@ def test_predict_answers_with_the_production_version_and_swaps_on_publish(
 ])
 def test_malformed_predict_inputs_are_422(
         client: TestClient, operator: dict[str, str], requester: dict[str, str], model: str,
-        tmp_path: Path, body: dict) -> None:  # type: ignore[type-arg]
+        tmp_path: Path, body: dict[str, Any]) -> None:
     upload(client, operator, weights_bytes(tmp_path))
     client.put(f"/v1/models/{MODEL}/aliases/production", json={"version": 1}, headers=operator)
     content = io.BytesIO()

@@ -8,15 +8,18 @@ import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import Response
 from sqlalchemy import select, update
 
 from app.core.db import session_scope, utcnow
 from app.requests.models import DeletionRequest, DeletionTarget
 from tests.api.conftest import KeyFactory
 from tests.api.seed import seed_model
+from tests.conftest import app_of
 
 URL = "/v1/deletion-requests"
 
@@ -26,7 +29,8 @@ def seeded(client: TestClient, operator: dict[str, str]) -> None:
     seed_model(client, operator)
 
 
-def submit(client: TestClient, headers: dict[str, str], body: dict, key: str | None = None):  # type: ignore[no-untyped-def]
+def submit(client: TestClient, headers: dict[str, str], body: dict[str, Any],
+           key: str | None = None) -> Response:
     extra = {"Idempotency-Key": key} if key else {}
     return client.post(URL, json=body, headers={**headers, **extra})
 
@@ -79,7 +83,7 @@ SCENARIO_REQUESTS = [
 @pytest.mark.parametrize("body", SCENARIO_REQUESTS, ids=["class", "backdoor", "backdoor-any"])
 def test_class_and_backdoor_requests_need_an_operator_or_a_policy_naming_the_client(
         client: TestClient, requester: dict[str, str], operator: dict[str, str],
-        seeded: None, body: dict) -> None:  # type: ignore[type-arg]
+        seeded: None, body: dict[str, Any]) -> None:
     refused = submit(client, requester, body)
     assert refused.status_code == 403, refused.text
     assert refused.headers["content-type"] == "application/problem+json"
@@ -137,7 +141,7 @@ def test_fifty_concurrent_posts_with_one_key_make_exactly_one_request(
                                   range(50)))
     assert {r.status_code for r in responses} == {202}
     assert len({r.json()["id"] for r in responses}) == 1
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         stored = db_session.scalars(select(DeletionRequest).where(
             DeletionRequest.idempotency_key == "burst")).all()
     assert len(stored) == 1
@@ -187,7 +191,7 @@ def test_cancel_after_processing_started_is_a_conflict(
         client: TestClient, requester: dict[str, str], seeded: None) -> None:
     request_id = submit(client, requester, {"kind": "subject", "subject_ref": "customer-1"}
                         ).json()["id"]
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         db_session.execute(update(DeletionTarget).values(status="processing"))
         db_session.execute(update(DeletionRequest).values(status="processing"))
     response = client.post(f"{URL}/{request_id}/cancel", headers=requester)
@@ -225,7 +229,7 @@ def test_retry_requeues_failed_targets_only(
     request_id = submit(client, requester, {"kind": "subject", "subject_ref": "customer-1"}
                         ).json()["id"]
     assert client.post(f"{URL}/{request_id}/retry", headers=operator).status_code == 409
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         db_session.execute(update(DeletionTarget).values(status="failed",
                                                          failure_reason="gate failed"))
         db_session.execute(update(DeletionRequest).values(status="failed", outcome="failed"))
@@ -305,7 +309,7 @@ def test_overdue_requests_are_flagged_and_filterable(
     late = submit(client, requester, {"kind": "subject", "subject_ref": "customer-1"}
                   ).json()["id"]
     submit(client, requester, {"kind": "subject", "subject_ref": "customer-2"})
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         db_session.execute(update(DeletionRequest).where(DeletionRequest.id == late)
                            .values(due_at=utcnow() - timedelta(days=2)))
     overdue = client.get(URL, params={"overdue": True}, headers=requester).json()["items"]

@@ -16,6 +16,7 @@ from safetensors.torch import save
 
 from app.core.config import Settings
 from tests.api.seed import MLP, jsonl, shard_bytes, upload_shards
+from tests.conftest import app_of
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 OCTETS = {"Content-Type": "application/octet-stream"}
@@ -36,7 +37,7 @@ def digits(client: TestClient, operator: dict[str, str]) -> str:
 
 
 def store_of(client: TestClient, dataset: str) -> Path:
-    return client.app.state.settings.resolved_dataset_dir / dataset  # type: ignore[attr-defined,no-any-return]
+    return app_of(client).state.settings.resolved_dataset_dir / dataset
 
 
 def shard(n: int = 6, shape: tuple[int, ...] = (1, 8, 8), labels: list[int] | None = None,

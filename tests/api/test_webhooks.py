@@ -32,6 +32,7 @@ from app.webhooks import service as webhooks
 from app.webhooks.models import Webhook, WebhookDelivery
 from tests.api.conftest import KeyFactory
 from tests.api.seed import seed_model
+from tests.conftest import app_of
 from worker import context, tasks
 
 PUBLIC_ADDRESS = "93.184.215.14"
@@ -78,7 +79,7 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture
 def worker_on(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Point the worker process context at the test's database."""
-    settings: Settings = client.app.state.settings  # type: ignore[attr-defined]
+    settings: Settings = app_of(client).state.settings
     monkeypatch.setattr(context, "_context", None)
     monkeypatch.setattr(context, "get_settings", lambda: settings)
     return settings
@@ -87,7 +88,7 @@ def worker_on(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> Settings:
 @pytest.fixture
 def loopback_allowed(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """The operator allows the loopback network, where the test endpoints listen."""
-    monkeypatch.setattr(client.app.state.settings,  # type: ignore[attr-defined]
+    monkeypatch.setattr(app_of(client).state.settings,
                         "webhook_allowed_networks", "127.0.0.0/8")
 
 
@@ -120,7 +121,7 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
 
 
 def deliveries(client: TestClient) -> list[WebhookDelivery]:
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         return list(db_session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)))
 
 
@@ -145,7 +146,7 @@ def test_state_changes_are_posted_signed_and_retried_with_backoff(
     assert first.next_attempt_at > utcnow()  # backing off
     assert (second.status, second.last_status_code) == ("delivered", 204)
 
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         db_session.execute(update(WebhookDelivery).values(next_attempt_at=utcnow()))
     assert tasks.deliver_webhooks() == 1
     assert [d.status for d in deliveries(client)] == ["delivered", "delivered"]
@@ -171,7 +172,7 @@ def test_an_endpoint_that_never_answers_is_given_up_after_the_last_retry(
     from app.webhooks.service import MAX_ATTEMPTS
 
     for _ in range(MAX_ATTEMPTS):
-        with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+        with session_scope(app_of(client).state.sessionmaker) as db_session:
             db_session.execute(update(WebhookDelivery).values(next_attempt_at=utcnow()))
         tasks.deliver_webhooks()
     (delivery,) = deliveries(client)
@@ -241,7 +242,7 @@ def test_a_url_longer_than_its_column_is_refused_naming_the_field(
 
 def test_a_network_the_operator_allows_may_be_a_target(
         client: TestClient, requester: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client.app.state.settings,  # type: ignore[attr-defined]
+    monkeypatch.setattr(app_of(client).state.settings,
                         "webhook_allowed_networks", "10.20.0.0/16, fd00:1::/48")
     for url in ("http://10.20.3.4/hook", "http://[fd00:1::7]/hook"):
         assert client.post("/v1/webhooks", json={"url": url},
@@ -404,7 +405,7 @@ def test_pending_deliveries_of_an_inactive_webhook_are_never_leased(
     client.post("/v1/webhooks", json={"url": receiver.url}, headers=requester)
     client.post("/v1/deletion-requests", json={"kind": "subject", "subject_ref": "customer-1"},
                 headers=requester)
-    with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
+    with session_scope(app_of(client).state.sessionmaker) as db_session:
         db_session.execute(update(Webhook).values(active=False))
     assert tasks.deliver_webhooks() == 0
     assert receiver.received == []

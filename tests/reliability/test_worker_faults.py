@@ -127,12 +127,12 @@ def check_published_once(database_url: str, data_dir: Path, ids: list[str]) -> N
         versions = connection.execute(text(
             "SELECT number, status, artifact_uri, sha256 FROM model_versions "
             "ORDER BY number")).all()
-        completed = dict(connection.execute(text(
+        completed: dict[str, int] = dict(connection.execute(text(
             "SELECT entity_id, count(*) FROM audit_events WHERE action = "
             "'deletion_request.completed' GROUP BY entity_id")).all())
-        certificates = dict(connection.execute(text(
+        certificates: dict[str, int] = dict(connection.execute(text(
             "SELECT request_id, count(*) FROM certificates GROUP BY request_id")).all())
-        statuses = dict(connection.execute(text(
+        statuses: dict[str, str] = dict(connection.execute(text(
             "SELECT id, status FROM deletion_requests")).all())
     engine.dispose()
     # The base is superseded, and purged at once (FAST_POLICY's grace period is 0 days).

@@ -46,6 +46,7 @@ def test_match_subset_reaches_the_retrains_membership_signal_and_keeps_test_accu
 def test_match_class_forgets_the_class_and_keeps_the_others(class_world: World) -> None:
     data = class_world.data
     result = _match(class_world)
+    assert data.scenario.forget_class is not None  # a class scenario names its class
     forgotten = data.test.subset(torch.nonzero(data.test.y == data.scenario.forget_class)
                                  .flatten())
     assert evaluate(class_world.original, forgotten, CPU)["accuracy"] > 0.5
@@ -102,11 +103,13 @@ def test_margin_statistic_pulls_below_the_margin_and_leaves_the_confident_bulk()
     loss = label_statistic(logits.detach(), labels, "loss")
     assert torch.equal(margin.argsort(), loss.argsort())
     margin.sum().backward()
+    assert logits.grad is not None
     pull = -logits.grad[:, 0]  # d statistic / d c, with the sign the matching follows
     assert pull[0] > 0.99 and 0.45 < pull[2] < 0.55 and pull[3] < 0.001
     # the bare loss's pull is already faint at c = 2, where the attack still reads
     loss_logits = logits.detach().clone().requires_grad_(True)
     label_statistic(loss_logits, labels, "loss").sum().backward()
+    assert loss_logits.grad is not None
     assert -loss_logits.grad[2, 0] < 0.15
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import subprocess
 import sys
 import threading
+from typing import TypeVar
 
 import pytest
 import torch
@@ -15,17 +16,30 @@ from tests.unlearning.conftest import CPU, World
 from unlearning.loops import evaluate
 from unlearning.methods import METHODS, Cancelled, get_method
 from unlearning.methods.base import MethodConfig
+from unlearning.methods.ft import FineTuneConfig
+from unlearning.methods.match import MatchConfig
+from unlearning.methods.msg import MaskedSmallGradientsConfig
+from unlearning.methods.ngplus import NegGradPlusConfig
+from unlearning.methods.scrub import ScrubConfig
 
 BASELINES = sorted(set(METHODS) - {"match"})
 # Small budgets: this checks that each algorithm runs end to end in each scenario, not how
 # well it unlearns (that is the lab's job).
 QUICK = {"epochs": 1, "max_steps": 1}
+C = TypeVar("C", bound=MethodConfig)
 
 
 def quick_config(name: str) -> MethodConfig:
     config = METHODS[name].Config()
     fields = {f.name for f in dataclasses.fields(config)}
     return dataclasses.replace(config, **{k: v for k, v in QUICK.items() if k in fields})
+
+
+def as_config(config: MethodConfig, kind: type[C]) -> C:
+    """``config``, checked to be a ``kind`` (the registry and ``stronger()`` are typed with the
+    base class)."""
+    assert isinstance(config, kind), config
+    return config
 
 
 def test_registry_holds_the_seed_method_and_every_baseline() -> None:
@@ -36,12 +50,13 @@ def test_registry_holds_the_seed_method_and_every_baseline() -> None:
 
 
 def test_published_defaults_and_stronger_settings() -> None:
-    assert METHODS["ngplus"].Config().alpha == 0.95
-    assert METHODS["msg"].Config().reinit_rate == 0.3
-    assert METHODS["scrub"].Config().temperature == 2.0
-    ft = METHODS["ft"].Config()
-    assert ft.stronger().epochs == 2 * ft.epochs and ft.stronger().lr == ft.lr
-    match = METHODS["match"].Config()
+    assert as_config(METHODS["ngplus"].Config(), NegGradPlusConfig).alpha == 0.95
+    assert as_config(METHODS["msg"].Config(), MaskedSmallGradientsConfig).reinit_rate == 0.3
+    assert as_config(METHODS["scrub"].Config(), ScrubConfig).temperature == 2.0
+    ft = as_config(METHODS["ft"].Config(), FineTuneConfig)
+    ft_stronger = as_config(ft.stronger(), FineTuneConfig)
+    assert ft_stronger.epochs == 2 * ft.epochs and ft_stronger.lr == ft.lr
+    match = as_config(METHODS["match"].Config(), MatchConfig)
     assert match.stronger().max_steps > match.max_steps
     assert match.stronger().attack_features == "strong"
 
@@ -91,8 +106,8 @@ def test_match_that_diverges_hands_back_a_usable_model_not_nans(subset_world: Wo
     """An absurd step size, with the gradient clip off, sends the loss to inf or NaN within a
     few steps; match must stop and return the best checkpoint (here: where it started)."""
     data = subset_world.data
-    config = dataclasses.replace(METHODS["match"].Config(), lr=1e6, max_grad_norm=None,
-                                 max_steps=50)
+    config = dataclasses.replace(as_config(METHODS["match"].Config(), MatchConfig), lr=1e6,
+                                 max_grad_norm=None, max_steps=50)
     result = get_method("match").unlearn(
         subset_world.original, retain=data.retain, forget=data.forget,
         reference=data.reference, scenario=data.scenario, config=config, device="cpu")
@@ -122,7 +137,12 @@ def test_a_method_clock_does_not_bill_torch_lazy_imports(
     events: list[str] = []
     clock = base.time.perf_counter
     monkeypatch.setattr(base, "load_lazy_modules", lambda: events.append("warm-up"))
-    monkeypatch.setattr(base.time, "perf_counter", lambda: events.append("clock") or clock())
+
+    def billed_clock() -> float:
+        events.append("clock")
+        return clock()
+
+    monkeypatch.setattr(base.time, "perf_counter", billed_clock)
     data = subset_world.data
     get_method("ga").unlearn(subset_world.original, retain=data.retain, forget=data.forget,
                              reference=data.reference, scenario=data.scenario, device="cpu",

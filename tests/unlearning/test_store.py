@@ -113,7 +113,9 @@ def test_catalogue_assigns_splits_and_subjects_that_own_several_samples(tmp_path
         {"train": True, "holdout": True, "test": True}
     owners: dict[str, int] = {}
     for row in rows:
-        owners[row["subject_ref"]] = owners.get(row["subject_ref"], 0) + 1
+        ref = row["subject_ref"]
+        assert isinstance(ref, str), row
+        owners[ref] = owners.get(ref, 0) + 1
     assert max(owners.values()) == 4 and len(owners) == -(-len(digits) // 4)
     assert all(ref.startswith("subject-") for ref in owners)
     # locators resolve back to the very images and labels of the dataset

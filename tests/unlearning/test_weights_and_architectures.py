@@ -53,9 +53,14 @@ def test_forward_by_parts_gives_the_concatenated_pass_outputs_and_gradients(name
 
     def loss_and_grads(outputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad()
-        loss = sum(w * out.logsumexp(1).mean() for w, out in zip(weights, outputs, strict=True))
+        loss = sum((w * out.logsumexp(1).mean() for w, out in zip(weights, outputs, strict=True)),
+                   torch.tensor(0.0))
         loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+        grads = []
+        for p in model.parameters():
+            assert p.grad is not None  # every parameter takes part in the loss
+            grads.append(p.grad.clone())
+        return loss.detach(), grads
 
     by_parts = forward_parts(model, parts, torch.device("cpu"))
     assert [len(out) for out in by_parts] == [5, 7, 3]

@@ -18,6 +18,7 @@ from app.auth.models import Role
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.main import create_app
+from tests.conftest import app_of
 from unlearning.training import Recipe
 from worker.context import WorkerContext
 from worker.world import World, build_world, register_world
@@ -78,7 +79,7 @@ class Deployment:
 def register(client: TestClient, operator: dict[str, str], world: World,
              policy: dict[str, Any]) -> None:
     """Dataset, manifest, model, original weights and the production alias, over HTTP."""
-    settings: Settings = client.app.state.settings  # type: ignore[attr-defined]
+    settings: Settings = app_of(client).state.settings
     register_world(client, operator, world, settings.resolved_dataset_dir / world.store,
                    dataset="fashion", model=MODEL, policy=policy)
 

@@ -73,7 +73,8 @@ def test_reference_job_gates_requests_and_backs_certificates(
 
     # A delivery dies after storing 3 of the 8 models; the sweeper requeues it, the next
     # delivery skips what was stored and adds no duplicate.
-    real_store, stored = references.store_reference, []
+    real_store = references.store_reference
+    stored: list[int] = []
 
     def dying_store(*args: Any, **kwargs: Any) -> None:
         if len(stored) == 3:
@@ -148,7 +149,8 @@ def test_reference_job_gates_requests_and_backs_certificates(
         left = db_session.scalar(select(func.count()).select_from(ReferenceStatistic).where(
             ReferenceStatistic.sample_id.in_(tombstoned)))
         assert left == 0
-        assert db_session.scalar(select(func.count()).select_from(ReferenceStatistic)) > 0
+        assert db_session.execute(
+            select(func.count()).select_from(ReferenceStatistic)).scalar_one() > 0
 
 
 def test_reference_requests_are_checked_at_the_door(referenced: Deployment) -> None:
