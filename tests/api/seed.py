@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
 import torch
-from fastapi.testclient import TestClient
 from safetensors.torch import save
 
 SHAPE = (1, 8, 8)  # the MLP below takes 8x8 single-channel images
@@ -57,7 +57,7 @@ def shards_for(rows: list[dict[str, Any]], shape: tuple[int, int, int] = SHAPE
     return shards
 
 
-def upload_shards(client: TestClient, operator: dict[str, str], dataset: str,
+def upload_shards(client: httpx.Client, operator: dict[str, str], dataset: str,
                   rows: list[dict[str, Any]], shape: tuple[int, int, int] = SHAPE) -> None:
     for path, body in shards_for(rows, shape).items():
         response = client.put(f"/v1/datasets/{dataset}/shards/{path}", content=body,
@@ -69,7 +69,7 @@ def jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
-def seed_model(client: TestClient, operator: dict[str, str], *, dataset: str = "digits",
+def seed_model(client: httpx.Client, operator: dict[str, str], *, dataset: str = "digits",
                model: str = "digits-mlp", policy: dict[str, Any] | None = None,
                rows: list[dict[str, Any]] | None = None) -> None:
     response = client.post("/v1/datasets", json={"name": dataset}, headers=operator)

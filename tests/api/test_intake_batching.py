@@ -16,7 +16,7 @@ from app.audit import service as audit
 from app.core.db import session_scope
 from app.core.errors import Conflict, Forbidden, Problem, Unauthorized, Unprocessable
 from app.core.group_commit import GroupCommit
-from app.requests.intake import Presented, record_batch
+from app.requests.intake import Presented, Submitted, record_batch
 from app.requests.models import DeletionRequest, DeletionTarget, SamplesRequest, SubjectRequest
 from tests.api.conftest import KeyFactory
 from tests.api.seed import seed_model
@@ -29,6 +29,12 @@ def key_of(headers: dict[str, str]) -> str:
 
 def subject(ref: str, model: str | None = None) -> SubjectRequest:
     return SubjectRequest(kind="subject", subject_ref=ref, model=model)
+
+
+def recorded(answer: Submitted | Problem) -> Submitted:
+    """The request an item recorded (or replayed) and whether it was a replay."""
+    assert not isinstance(answer, Problem), answer
+    return answer
 
 
 def test_one_batch_answers_each_request_as_if_it_came_alone(
@@ -61,23 +67,24 @@ def test_one_batch_answers_each_request_as_if_it_came_alone(
     assert isinstance(answers[2], Forbidden)
     assert isinstance(answers[3], Unprocessable)
     assert isinstance(answers[5], Conflict)
-    (first, replayed), (repeat, repeat_replayed) = answers[0], answers[4]  # type: ignore[misc]
+    (first, replayed), (repeat, repeat_replayed) = recorded(answers[0]), recorded(answers[4])
     assert not replayed and repeat_replayed and repeat.id == first.id
     assert first.status == "queued" and first.targets[0].sample_count == 4
-    other_client, _ = answers[6]  # type: ignore[misc]
+    other_client, _ = recorded(answers[6])
     assert other_client.id != first.id and other_client.client_id == "other"
-    again, again_replayed = answers[7]  # type: ignore[misc]
+    again, again_replayed = recorded(answers[7])
     assert again_replayed and again.id == earlier[0].id
-    nothing, _ = answers[8]  # type: ignore[misc]
+    nothing, _ = recorded(answers[8])
     assert nothing.status == "rejected" and nothing.outcome == "no_data"
-    samples, _ = answers[9]  # type: ignore[misc]
+    samples, _ = recorded(answers[9])
     assert samples.payload["missing_sample_keys"] == ["zz"]
 
     with session_scope(app.state.sessionmaker) as db_session:
         stored = db_session.scalars(select(DeletionRequest).order_by(
             DeletionRequest.received_at)).all()
         assert len(stored) == 5  # earlier, customer-1 twice (two clients), nobody, samples
-        assert db_session.get(DeletionRequest, first.id).trace_id == "trace-1"  # type: ignore[union-attr]
+        stored_first = db_session.get(DeletionRequest, first.id)
+        assert stored_first is not None and stored_first.trace_id == "trace-1"
         assert db_session.scalar(select(func.count()).select_from(DeletionTarget)) == 4
         assert audit.verify_chain(db_session).ok
 

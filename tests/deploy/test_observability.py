@@ -197,7 +197,7 @@ def test_request_id_is_echoed_made_when_missing_and_reaches_every_log_line(
 
 
 def test_request_id_follows_a_task_into_the_worker() -> None:
-    from celery import Celery
+    from celery import Celery, Task
     from celery.contrib.testing.worker import start_worker
 
     from app.observability.celery_context import install_celery_request_ids
@@ -208,8 +208,8 @@ def test_request_id_follows_a_task_into_the_worker() -> None:
     seen: list[tuple[str | None, str]] = []
 
     @celery_app.task(name="test.record", bind=True)
-    def record(self: object) -> None:
-        seen.append((get_request_id(), self.request.id))  # type: ignore[attr-defined]
+    def record(self: Task) -> None:
+        seen.append((get_request_id(), self.request.id))
 
     with start_worker(celery_app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
         with request_id_context("intake-42"):

@@ -47,7 +47,7 @@ def make_keys(url: str) -> dict[str, dict[str, str]]:
 def seed_small_model(api: httpx.Client, operator: dict[str, str]) -> None:
     """A dataset whose subjects customer-0..4 each hold training samples, and a model on it
     (no weights: intake only needs the registry)."""
-    seed_model(api, operator)  # type: ignore[arg-type]  # httpx.Client speaks TestClient's API
+    seed_model(api, operator)
 
 
 def check_acknowledged(url: str, acknowledged: dict[str, str]) -> int:

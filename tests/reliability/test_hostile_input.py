@@ -279,7 +279,8 @@ def hostile_weights(tmp_path: Path, marker: Path) -> dict[str, bytes]:
     (length,) = struct.unpack("<Q", good[:8])
     header = json.loads(good[8:8 + length])
 
-    def with_header(changed: dict[str, Any], data: bytes = good[8 + length:]) -> bytes:
+    def with_header(changed: object, data: bytes = good[8 + length:]) -> bytes:
+        """A file whose header is ``changed`` as JSON: a dict, or anything else JSON holds."""
         raw = json.dumps(changed).encode()
         return struct.pack("<Q", len(raw)) + raw + data
 
@@ -295,7 +296,7 @@ def hostile_weights(tmp_path: Path, marker: Path) -> dict[str, bytes]:
         "header length past the file": struct.pack("<Q", 1 << 20) + b"{}",
         "header length of 2^63": struct.pack("<Q", 1 << 63) + b"{}",
         "header not JSON": struct.pack("<Q", 4) + b"\xff\xfe\x00\x01",
-        "header a list": with_header([1, 2]),  # type: ignore[arg-type]
+        "header a list": with_header([1, 2]),
         "nested header bomb": struct.pack("<Q", 400_000) + b"[" * 200_000 + b"]" * 200_000,
         "tensor bytes missing": good[:8 + length],
         "offsets overlapping": with_header({**header, first: {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -51,11 +52,11 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> ModelCache:
 
 
 def _world(fashion: ImageDataset, cache: ModelCache, scenario: str, *,
-           with_retrain: bool, **overrides: object) -> World:
+           with_retrain: bool, **overrides: Any) -> World:
     config = LabConfig(dataset="fashion-mnist", arch="cnn-small", scenario=scenario,
                        methods=(), seeds=(0,), data_dir=Path("."), recipe=OVERFIT_RECIPE,
                        train_size=TRAIN_SIZE, holdout_size=2000, retain_eval_size=2000,
-                       **overrides)  # type: ignore[arg-type]
+                       **overrides)
     data = prepare_seed(config, fashion, seed=0)
     spec = {"name": "cnn-small", "kwargs": {"in_channels": 1, "num_classes": 10}}
     original, _ = cache.get_or_train({**data.cache_key, "removed": None}, spec, data.train,
