@@ -29,6 +29,13 @@ PAGES = ["/dashboard", "/dashboard/requests", "/dashboard/models",
          "/dashboard/models/fashion-cnn", "/dashboard/jobs", "/dashboard/audit"]
 
 
+def found(pattern: str, html: str, flags: int = 0) -> re.Match[str]:
+    """The first match of ``pattern``, which the page must have."""
+    match = re.search(pattern, html, flags)
+    assert match is not None, pattern
+    return match
+
+
 def rows_of(html: str, table_id: str) -> list[str]:
     body = html.split(f'id="{table_id}"', 1)[1].split("</table>", 1)[0]
     return re.findall(r"<tr\b.*?</tr>", body.split("<tbody>", 1)[1], flags=re.S)
@@ -131,8 +138,8 @@ def test_overview_counts_states_and_colours_days_left(auditor: TestClient, world
     # 9 open: 6 queued, 1 processing, 1 failed, 1 awaiting approval; 1 overdue; 2 due within
     # 10 days (3 and 8 days left); 2 completed.
     assert stat == {"open": 9, "overdue": 1, "due-soon": 2, "completed": 2}
-    deadlines = {re.search(r'title="([0-9a-f-]{36})"', row).group(1):  # type: ignore[union-attr]
-                 re.search(r'class="days (\w+)">([^<]+)<', row).groups()  # type: ignore[union-attr]
+    deadlines = {found(r'title="([0-9a-f-]{36})"', row).group(1):
+                 found(r'class="days (\w+)">([^<]+)<', row).groups()
                  for row in re.findall(r"<tr><td><a href=\"/dashboard/requests/.*?</tr>",
                                        html.split('id="deadlines"')[1], flags=re.S)}
     requests = world.seeded.requests
@@ -140,8 +147,7 @@ def test_overview_counts_states_and_colours_days_left(auditor: TestClient, world
     assert deadlines[requests["red"]] == ("danger", "3 d")
     assert deadlines[requests["amber"]] == ("warn", "8 d")
     assert deadlines[requests["green"]] == ("ok", "25 d")
-    per_day = json.loads(re.search(r'id="per-day-data">(.*?)</script>',  # type: ignore[union-attr]
-                                   html, flags=re.S).group(1))
+    per_day = json.loads(found(r'id="per-day-data">(.*?)</script>', html, re.S).group(1))
     assert len(per_day["labels"]) == 30 and sum(per_day["values"]) == 12
 
 
@@ -210,12 +216,11 @@ def test_running_job_page_shows_progress_and_refreshes_itself(auditor: TestClien
 
 def test_model_page_charts_verification_per_version(auditor: TestClient) -> None:
     html = auditor.get("/dashboard/models/fashion-cnn").text
-    chart = json.loads(re.search(r'id="versions-data">(.*?)</script>',  # type: ignore[union-attr]
-                                 html, flags=re.S).group(1))
+    chart = json.loads(found(r'id="versions-data">(.*?)</script>', html, re.S).group(1))
     assert chart["labels"] == ["v1", "v2", "v3", "v4", "v5"]
     assert chart["mia_accuracy"] == [None, 0.71, 0.53, 0.51, None]
     assert chart["test_accuracy"] == [0.912, 0.905, 0.908, 0.906, None]
-    versions = {re.search(r'data-version="(\d+)"', row).group(1): row  # type: ignore[union-attr]
+    versions = {found(r'data-version="(\d+)"', row).group(1): row
                 for row in rows_of(html, "versions-table") if "data-version" in row}
     assert "production" in versions["4"] and "production" not in versions["3"]
     assert "rejected" in versions["2"] and "failed" in versions["2"]
@@ -235,7 +240,7 @@ def test_model_page_lists_reference_sets_with_their_state_and_cost(auditor: Test
     html = auditor.get("/dashboard/models/fashion-cnn").text
     assert re.search(r'id="production-evidence"><span class="badge s-per-sample">per-sample'
                      r'</span> · <span class="badge s-unlearned">unlearned<', html)
-    sets = {re.search(r'data-set="(\d+)"', row).group(1): row  # type: ignore[union-attr]
+    sets = {found(r'data-set="(\d+)"', row).group(1): row
             for row in rows_of(html, "reference-table") if "data-set" in row}
     ids = world.seeded.reference_sets
     assert list(sets) == [str(ids["running"]), str(ids["ready"])]  # newest first
