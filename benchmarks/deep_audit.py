@@ -133,7 +133,7 @@ def main() -> None:
         retrained = build_model(SPEC)
         train(retrained, data.retain, recipe, device=CPU, seed=k)
         result = match.unlearn(original, retain=data.retain, forget=data.forget,
-                               reference=data.reference, scenario=data.scenario, device="cpu",
+                               unseen=data.unseen, scenario=data.scenario, device="cpu",
                                seed=k)
         for name, model in (("original", original), ("unlearned", result.model),
                             ("retrained", retrained)):

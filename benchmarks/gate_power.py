@@ -9,9 +9,9 @@ Two worlds drawn from Fashion-MNIST's official training pool, cnn-small trained 
 recipe (30 epochs, lr 0.05, no weight decay): ``demo`` has the demo world's sizes (2 800
 training and 1 200 holdout images), ``6000`` has 6 000 training and 2 000 holdout images; both
 have 2 000 test images from the official test split. The holdout is cut in two halves: the
-method's (what ``match`` matches against) and the audit half (the test's null and the
-population attack's non-members), as the worker does. 200 random subjects own 5 random
-training samples each (1 000 samples, disjoint).
+``unseen`` half (what ``match`` matches against) and the ``audit`` half (the test's null
+and the population attack's non-members), as the worker does (docs/methods.md, "Data
+slices"). 200 random subjects own 5 random training samples each (1 000 samples, disjoint).
 
 Models per world: the original (all training samples), a retrain without the 1 000 subject
 samples (same recipe and seed: it never saw any subject) and 16 reference models (8
@@ -31,7 +31,7 @@ and 50 subjects (random partitions of the 200), the share refused by the per-sam
 request flagged after BH at alpha) and by the population+KS gate (``decide`` failing on a
 membership reason; the batch passes or fails as a whole); (c) AUC and TPR at 1 %/5 % FPR of the
 per-sample score against the original's raw statistic (members: training samples, non-members:
-audit holdout); (d) the smallest mean shift detectable for 5 samples and the p-value
+the audit slice); (d) the smallest mean shift detectable for 5 samples and the p-value
 resolution; (e) the reference job's seconds over one training of the original.
 
 The gate reports are built from each model's logits computed once (the same engine functions
@@ -219,7 +219,7 @@ class World:
     train: SampleSet
     holdout: SampleSet
     test: SampleSet
-    method_half: np.ndarray  # holdout positions match may use
+    unseen: np.ndarray  # holdout positions match may use
     audit: np.ndarray  # holdout positions of the null and the population attack
     subjects: np.ndarray  # [200, 5] training positions
 
@@ -240,7 +240,7 @@ def make_world(dataset: ImageDataset, spec: WorldSpec, n_subjects: int, per_subj
     order = rng.permutation(spec.n_holdout)
     half = spec.n_holdout // 2
     owned = rng.permutation(spec.n_train)[: n_subjects * per_subject]
-    return World(spec, train_set, holdout, take(tests), method_half=np.sort(order[:half]),
+    return World(spec, train_set, holdout, take(tests), unseen=np.sort(order[:half]),
                  audit=np.sort(order[half:]), subjects=owned.reshape(n_subjects, per_subject))
 
 
@@ -314,7 +314,7 @@ def paired_timing(world: World, epochs: int = 3, repeats: int = 2) -> dict[str, 
 @dataclass
 class Outputs:
     """One model's logits on the samples the tests read: all training samples (or only
-    ``positions``) and the audit holdout."""
+    ``positions``) and the audit slice."""
 
     train_logits: torch.Tensor  # [n_train or len(positions), 10]
     train_y: torch.Tensor
@@ -394,7 +394,7 @@ def check_population_gate(world: World, model: torch.nn.Module, out: Outputs,
     say on the same forget set (membership reasons)."""
     forget = world.train.subset(torch.from_numpy(positions))
     audit = world.holdout.subset(torch.from_numpy(world.audit))
-    report = build_verification_report(model, model, forget=forget, holdout=audit,
+    report = build_verification_report(model, model, forget=forget, audit=audit,
                                        test=world.test, scenario=Scenario("subset"),
                                        device=CPU, seed=0)
     decide(report, Thresholds())
@@ -576,7 +576,7 @@ def run_world(dataset: ImageDataset, spec: WorldSpec, args: argparse.Namespace
                 result = get_method("match").unlearn(
                     original, retain=world.train.subset(torch.from_numpy(retain_positions)),
                     forget=world.train.subset(torch.from_numpy(positions)),
-                    reference=world.holdout.subset(torch.from_numpy(world.method_half)),
+                    unseen=world.holdout.subset(torch.from_numpy(world.unseen)),
                     original_recipe=RECIPE, scenario=Scenario("subset"),
                     config=get_method("match").Config(), device=CPU, seed=1000 * size + j)
                 candidate = result.model
@@ -653,7 +653,7 @@ def run_world(dataset: ImageDataset, spec: WorldSpec, args: argparse.Namespace
               for i in range(REFERENCES)]
     return {
         "spec": spec.__dict__, "reference_models": models, "n_audit": len(world.audit),
-        "n_method_half": len(world.method_half), "original_seconds": original_seconds,
+        "n_unseen": len(world.unseen), "original_seconds": original_seconds,
         "retrain_seconds": retrain_seconds, "reference_seconds": ref_seconds,
         "test_accuracy": accuracy,
         "binomial_band": {"n": len(groups), "alpha": alpha,
@@ -754,7 +754,7 @@ def world_markdown(name: str, w: dict[str, Any], alpha: float) -> list[str]:
                   "subject refuses the batch that holds it in every partition, so the batch "
                   "false-refusal shares above count few distinct subjects."]
     lines += ["", "### (c) Membership signal on the original (members: all training samples, "
-              "non-members: audit holdout)", "",
+              "non-members: the audit slice)", "",
               "| statistic | members scored | AUC | TPR at 1 % FPR | TPR at 5 % FPR |",
               "| --- | --- | --- | --- | --- |"]
     for key, roc in w["roc"].items():
@@ -764,7 +764,7 @@ def world_markdown(name: str, w: dict[str, Any], alpha: float) -> list[str]:
               f"p-value resolution: {w['p_value_resolution']:.1e} (20 000 null draws). "
               f"Median detectable mean shift for 5 testable samples at alpha {alpha} with "
               "80 % power, and the median mean score of a subject under the original "
-              "and the retrain, beside the null's mean (the audit holdout scored the same way "
+              "and the retrain, beside the null's mean (the audit slice scored the same way "
               "under the same model: a subject's signal is its score minus that):", "",
               "| test | detectable shift (score units) | in phi units | pooled spread (phi) | "
               "original: median subject score (null mean) | retrain: same |",

@@ -55,7 +55,7 @@ EVERY_LAYER = {"trainable": "all", **SMALL_SET_RULE}  # match before 2026-12-01
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "defaults": ("defaults (margin statistic, head only, large-set stopping rule)", {}),
     "small-set-rule": ("head only, the smaller sets' stopping rule before 2026-12-01 (1 000 "
-                       "forget samples, half the reference, within 0.02)",
+                       "forget samples, half of unseen, within 0.02)",
                        SMALL_SET_RULE),
     "all-layers": ("every layer trained, the smaller sets' stopping rule (the defaults "
                    "before)", EVERY_LAYER),
@@ -104,7 +104,7 @@ def measure_seed(seed: int, dataset: ImageDataset, args: argparse.Namespace) -> 
     runs = []
     for name, match_config in variants:
         result = match.unlearn(original, retain=data.retain, forget=data.forget,
-                               reference=data.reference, original_recipe=recipe,
+                               unseen=data.unseen, original_recipe=recipe,
                                scenario=data.scenario, config=match_config, device=cpu,
                                seed=seed)
         metrics = measure(result.model)

@@ -108,30 +108,31 @@ class Scenario:
             return f"backdoor -> {self.target_label}"
         return self.kind
 
-    def unseen_counterpart(self, reference: SampleSet) -> SampleSet:
-        """Data the model never trained on, shaped like the forget set, for the membership
-        attack: same-distribution holdout (subset), holdout images of the forgotten class
-        (class), triggered holdout images of other classes labelled with the target label,
-        i.e. poisoned samples that were never trained on (backdoor)."""
+    def unseen_counterpart(self, samples: SampleSet) -> SampleSet:
+        """The part of ``samples``, a slice of the holdout (``unseen_stop`` in match, ``audit``
+        in the verifier), shaped like the forget set, for the membership attack: all of it
+        (subset), its images of the forgotten class (class), its images of other classes
+        triggered and labelled with the target label, i.e. poisoned samples never trained on
+        (backdoor)."""
         if self.kind == "subset":
-            return reference
+            return samples
         if self.kind == "class":
-            return reference.subset(
-                torch.nonzero(torch.eq(reference.y, self.class_label)).flatten())
-        others = reference.subset(
-            torch.nonzero(torch.ne(reference.y, self.backdoor_label)).flatten())
+            return samples.subset(
+                torch.nonzero(torch.eq(samples.y, self.class_label)).flatten())
+        others = samples.subset(
+            torch.nonzero(torch.ne(samples.y, self.backdoor_label)).flatten())
         x = self.trigger.apply(others.x) if self.trigger is not None else others.x
         return SampleSet(x, torch.full_like(others.y, self.backdoor_label))
 
-    def relabelled_reference(self, reference: SampleSet) -> SampleSet:
-        """Reference data for matching the forgotten label's confidence: for class and
-        backdoor, images of the other classes paired with the forgotten label. A model that
-        never learned the class (or the trigger) gives that label to the forget images about
-        as much confidence as it gives it to these; for a subset, the holdout as it is."""
+    def relabelled_unseen(self, unseen: SampleSet) -> SampleSet:
+        """The ``unseen`` slice as match pulls the forgotten label's confidence towards it: for
+        class and backdoor, its images of the other classes paired with the forgotten label. A
+        model that never learned the class (or the trigger) gives that label to the forget
+        images about as much confidence as it gives it to these; for a subset, as it is."""
         label = self.forgotten_label
         if label is None:
-            return reference
-        others = reference.subset(torch.nonzero(torch.ne(reference.y, label)).flatten())
+            return unseen
+        others = unseen.subset(torch.nonzero(torch.ne(unseen.y, label)).flatten())
         return SampleSet(others.x, torch.full_like(others.y, label))
 
 

@@ -62,8 +62,8 @@ class JobData:
 
     forget: SampleSet  # training samples the batch covers: what the model must forget
     retain: SampleSet  # training samples it keeps
-    reference: SampleSet  # unseen holdout the method matches against
-    audit: SampleSet  # a disjoint unseen holdout slice the verifier attacks with
+    unseen: SampleSet  # the method's half of the holdout (docs/methods.md, "Data slices")
+    audit: SampleSet  # the other half, that only the verifier attacks with
     test: SampleSet
     scenario: Scenario
     forgotten: dict[int, str]  # every covered sample (any split) -> its request
@@ -163,7 +163,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
         method_name, config = method_for(policy, level)
         progress = ProgressWriter(ctx, job_id, attempt, prefix=f"{method_name}: ")
         result = get_method(method_name).unlearn(
-            base_model, retain=data.retain, forget=data.forget, reference=data.reference,
+            base_model, retain=data.retain, forget=data.forget, unseen=data.unseen,
             original_recipe=Recipe(**policy.training_recipe), scenario=data.scenario,
             config=config, device=device, seed=seed, progress=progress,
             cancel=CancelCheck(ctx, job_id))
@@ -171,7 +171,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
             jobs.begin_verification(db_session, job_id=job_id, attempt=attempt)
         retain_check = data.retain.sample(RETAIN_CHECK_SAMPLES, torch.Generator().manual_seed(seed))
         report = build_verification_report(
-            result.model, base_model, forget=data.forget, holdout=data.audit, test=data.test,
+            result.model, base_model, forget=data.forget, audit=data.audit, test=data.test,
             scenario=data.scenario, device=device, retain=retain_check,
             references=gate_references, alpha=policy.verification.alpha, seed=seed)
         report.record(run=MethodRun(method=method_name, escalation_level=level,
@@ -322,7 +322,7 @@ def load_job_data(db_session: Session, ctx: WorkerContext, job: UnlearningJob,
     half = len(holdout) // 2
     return JobData(
         forget=forget, retain=held("train")[0],
-        reference=holdout.subset(order[:half]), audit=holdout.subset(order[half:]),
+        unseen=holdout.subset(order[:half]), audit=holdout.subset(order[half:]),
         test=held("test")[0], scenario=scenario_for(db_session, job, forget),
         forgotten=forgotten, forget_ids=[s.id for s in forget_rows],
         audit_ids=[holdout_rows[i].id for i in order[half:].tolist()],

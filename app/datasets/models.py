@@ -16,7 +16,7 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 class Split(StrEnum):
     train = "train"
-    holdout = "holdout"  # never trained on: the unseen reference data unlearning matches
+    holdout = "holdout"  # never trained on: a job halves it into its unseen and audit slices
     test = "test"
 
 

@@ -103,8 +103,9 @@ def test_a_burst_of_guesses_at_once_gets_no_more_tries_than_the_limit(
     with ThreadPoolExecutor(12) as pool:
         answers = list(pool.map(guess, range(12)))
     # Each guess is written before the others are counted: some may be refused early, none
-    # past the limit.
-    assert set(answers) <= {401, 429} and answers.count(401) <= 5
+    # past the limit. A 400 is the form's token refused before any key is tried: the threads
+    # share one cookie jar, and each answer may rotate the sign-in token under the others.
+    assert set(answers) <= {400, 401, 429} and answers.count(401) <= 5
     assert failures(world) == answers.count(401)
 
 

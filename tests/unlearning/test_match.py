@@ -17,7 +17,7 @@ from unlearning.verification.metrics import forget_mia, utility_test_set
 def _match(world: World):
     data = world.data
     return get_method("match").unlearn(world.original, retain=data.retain, forget=data.forget,
-                                       reference=data.reference, scenario=data.scenario,
+                                       unseen=data.unseen, scenario=data.scenario,
                                        device="cpu", seed=0)
 
 

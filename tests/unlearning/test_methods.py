@@ -71,7 +71,7 @@ def test_every_baseline_runs_in_every_scenario(name: str, scenario: str, subset_
     before = {k: v.clone() for k, v in world.original.state_dict().items()}
     phases: list[str] = []
     result = get_method(name).unlearn(
-        world.original, retain=data.retain, forget=data.forget, reference=data.reference,
+        world.original, retain=data.retain, forget=data.forget, unseen=data.unseen,
         original_recipe=world.recipe.with_(epochs=1), scenario=data.scenario,
         config=quick_config(name), device="cpu", seed=0,
         progress=lambda phase, step, total, metrics: phases.append(phase))
@@ -96,7 +96,7 @@ def test_a_cancelled_run_stops_with_cancelled(name: str, subset_world: World) ->
 
     with pytest.raises(Cancelled):
         get_method(name).unlearn(subset_world.original, retain=data.retain,
-                                 forget=data.forget, reference=data.reference,
+                                 forget=data.forget, unseen=data.unseen,
                                  scenario=data.scenario, device="cpu", progress=progress,
                                  cancel=stop)
     assert len(steps_seen) <= 2
@@ -110,13 +110,13 @@ def test_match_that_diverges_hands_back_a_usable_model_not_nans(subset_world: Wo
                                  max_grad_norm=None, max_steps=50)
     result = get_method("match").unlearn(
         subset_world.original, retain=data.retain, forget=data.forget,
-        reference=data.reference, scenario=data.scenario, config=config, device="cpu")
+        unseen=data.unseen, scenario=data.scenario, config=config, device="cpu")
     assert result.details["stopped"] == "diverged"
     assert result.steps < 50
     assert all(torch.isfinite(v).all() for v in result.model.state_dict().values()
                if v.is_floating_point())
-    before = evaluate(subset_world.original, data.reference, CPU)
-    after = evaluate(result.model, data.reference, CPU)
+    before = evaluate(subset_world.original, data.unseen, CPU)
+    after = evaluate(result.model, data.unseen, CPU)
     assert after == pytest.approx(before)
 
 
@@ -145,7 +145,7 @@ def test_a_method_clock_does_not_bill_torch_lazy_imports(
     monkeypatch.setattr(base.time, "perf_counter", billed_clock)
     data = subset_world.data
     get_method("ga").unlearn(subset_world.original, retain=data.retain, forget=data.forget,
-                             reference=data.reference, scenario=data.scenario, device="cpu",
+                             unseen=data.unseen, scenario=data.scenario, device="cpu",
                              config=quick_config("ga"))
     assert events[:2] == ["warm-up", "clock"]
 

@@ -123,7 +123,7 @@ def test_gate_refuses_the_unchanged_candidate_naming_the_request(
     forget = reference_world.train.subset(torch.from_numpy(positions))
     report = build_verification_report(
         reference_world.world.original, reference_world.world.original, forget=forget,
-        holdout=data.audit, test=data.test, scenario=data.scenario, device=CPU,
+        audit=data.audit, test=data.test, scenario=data.scenario, device=CPU,
         references=GateReferences(forget_out, holdout_out, request_of), alpha=ALPHA)
     assert report.evidence == PER_SAMPLE
     assert not decide(report)

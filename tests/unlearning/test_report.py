@@ -20,7 +20,7 @@ from unlearning.verification.report import (
 def _report(world: World, candidate) -> VerificationReport:
     data = world.data
     return build_verification_report(candidate, world.original, forget=data.forget,
-                                     holdout=data.audit, test=data.test,
+                                     audit=data.audit, test=data.test,
                                      scenario=data.scenario, device=CPU,
                                      retain=data.retain_eval)
 
@@ -67,7 +67,7 @@ def test_small_forget_sets_are_judged_by_the_ks_test(subset_world: World) -> Non
     data = subset_world.data
     few = data.forget.subset(torch.arange(8))
     report = build_verification_report(subset_world.original, subset_world.original,
-                                       forget=few, holdout=data.audit, test=data.test,
+                                       forget=few, audit=data.audit, test=data.test,
                                        scenario=data.scenario, device=CPU)
     assert report.n_forget == 8 and report.ks is not None and report.ks["n"] == 8
     assert not decide(report, Thresholds(min_ks_p_value=1.0))  # any p-value below 1 fails

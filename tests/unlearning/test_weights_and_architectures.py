@@ -41,7 +41,7 @@ def test_builtin_architectures_map_their_inputs_to_class_logits(spec: dict,
 
 @pytest.mark.parametrize("name", ["cnn-small", "resnet8"])
 def test_forward_by_parts_gives_the_concatenated_pass_outputs_and_gradients(name: str) -> None:
-    """match's step feeds its forget, retain and reference batches through the model one by
+    """match's step feeds its forget, retain and unseen batches through the model one by
     one on the CPU; the loss and every gradient must be those of one pass over all of them
     (resnet8: with its normalisation statistics frozen, as match runs it)."""
     torch.manual_seed(0)

@@ -26,8 +26,9 @@ SPLITS = ("train", "holdout", "test")
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """Fractions of the non-test data kept as holdout (the unseen reference data) and, for
-    datasets without an official test split, the fraction used as test."""
+    """Fractions of the non-test data kept as holdout (never trained on; a job halves it into
+    its ``unseen`` and ``audit`` slices) and, for datasets without an official test split, the
+    fraction used as test."""
 
     holdout_fraction: float = 0.1
     test_fraction: float = 0.15

@@ -145,9 +145,10 @@ def markdown_report(results: list[dict[str, Any]], title: str) -> str:
              f"Dataset {config['dataset']}, architecture {config['arch']}, recipe "
              f"`{json.dumps(config['recipe'])}`, seeds {list(config['seeds'])}.", "",
              "RA / FA / TA: retain / forget / test accuracy (class scenario: TA on the other "
-             "classes). MIA: population attack accuracy on the forget set vs unseen audit data "
-             "(0.5 = blind); MIA gap: its distance to the retrain's, per seed. RetDev: "
-             "deviation from retrain (lower is better). RTE: retrain seconds / method seconds, "
+             "classes). MIA: population attack accuracy on the forget set vs its counterpart in "
+             "the audit slice (0.5 = blind); MIA gap: its distance to the retrain's, per seed. "
+             "RetDev: deviation from retrain (lower is better). RTE: retrain seconds / method "
+             "seconds, "
              f"in {first.get('rte_clock', 'cpu_seconds').replace('_', ' ')}"
              + (f"; the retrain's timed on {config['retime_epochs']} of its epochs in the "
                 "process that ran the methods, scaled to the recipe's"

@@ -4,8 +4,9 @@ write JSON plus a table.
 
 Data layout per seed: the training set is the dataset's training split (all 60 000 images for
 Fashion-MNIST, so RTE is measured at full size); the unseen data is split into a holdout and a
-test set, and the holdout again into the *reference* handed to the methods and the *audit*
-slice only the verification reads, so no method can tune itself on the data it is judged on.
+test set, and the holdout again into the *unseen* slice handed to the methods and the *audit*
+slice only the verification reads, so no method can tune itself on the data it is judged on
+(docs/methods.md, "Data slices").
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class LabConfig:
     target_label: int = 0
     poison_rate: float = 0.02
     trigger: Trigger = field(default_factory=Trigger)
-    holdout_size: int = 5000  # unseen data for reference + audit (the rest is test)
+    holdout_size: int = 5000  # the holdout, halved into unseen + audit (the rest is test)
     retain_eval_size: int = 10_000  # retain accuracy is estimated on a fixed sample
     train_size: int | None = None  # use only part of the training split (tests)
     # pad/replicate the images to (C, H, W) first, e.g. (3, 32, 32) for ImageNet-style models
@@ -88,8 +89,8 @@ class SeedData:
     forget: SampleSet
     retain: SampleSet
     retain_eval: SampleSet
-    reference: SampleSet
-    audit: SampleSet
+    unseen: SampleSet  # the methods' half of the holdout
+    audit: SampleSet  # the verifier's half
     test: SampleSet
     scenario: Scenario
     cache_key: dict[str, Any]
@@ -119,7 +120,7 @@ def prepare_seed(config: LabConfig, dataset: ImageDataset, seed: int) -> SeedDat
     holdout = everything.subset(unseen_index[:holdout_size])
     test = everything.subset(unseen_index[holdout_size:])
     half = len(holdout) // 2
-    reference, audit = holdout.subset(torch.arange(half)), holdout.subset(
+    unseen, audit = holdout.subset(torch.arange(half)), holdout.subset(
         torch.arange(half, len(holdout)))
     train_set = everything.subset(train_index)
     if config.scenario == "backdoor":
@@ -143,7 +144,7 @@ def prepare_seed(config: LabConfig, dataset: ImageDataset, seed: int) -> SeedDat
                             if config.scenario == "backdoor" else None)}
     return SeedData(train=train_set, forget=train_set.subset(forget_index), retain=retain,
                     retain_eval=retain.sample(config.retain_eval_size, generator),
-                    reference=reference, audit=audit, test=test, scenario=scenario,
+                    unseen=unseen, audit=audit, test=test, scenario=scenario,
                     cache_key=cache_key)
 
 
@@ -151,7 +152,7 @@ def seed_metrics(model: nn.Module, data: SeedData, device: torch.device,
                  seed: int) -> dict[str, Any]:
     """One model's metrics on one seed's sets (what every lab row and benchmark reports)."""
     return scenario_metrics(model, forget=data.forget, retain=data.retain_eval, test=data.test,
-                            holdout=data.audit, scenario=data.scenario, device=device, seed=seed)
+                            audit=data.audit, scenario=data.scenario, device=device, seed=seed)
 
 
 def model_spec(config: LabConfig, dataset: ImageDataset) -> dict[str, Any]:
@@ -263,7 +264,7 @@ def run_lab(config: LabConfig, *, progress_factory: Callable[[str], ProgressCall
                 metrics, timing, steps, details = retrain_metrics, retrain_time, None, {}
             else:
                 result = method.unlearn(original, retain=data.retain, forget=data.forget,
-                                        reference=data.reference, original_recipe=recipe,
+                                        unseen=data.unseen, original_recipe=recipe,
                                         scenario=data.scenario, device=device, seed=seed,
                                         progress=bar(f"seed {seed} {method.name}"))
                 metrics = measure(result.model)

@@ -1,6 +1,6 @@
 """Unlearning methods, one file each, found by name.
 
-``get_method("match").unlearn(model, retain=..., forget=..., reference=..., ...)``; every
+``get_method("match").unlearn(model, retain=..., forget=..., unseen=..., ...)``; every
 method has the same signature (see :class:`unlearning.methods.base.UnlearningMethod`) and a
 ``Config`` dataclass with its published defaults.
 """

@@ -56,13 +56,14 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class UnlearningTask:
-    """The data a method sees. ``reference``: holdout data the model never trained on (the
-    "unseen" side); ``validation``: optional extra holdout a method may use for its own
-    checks; ``original_recipe``: how the model was trained (retrain needs it)."""
+    """The data a method sees (docs/methods.md, "Data slices"). ``unseen``: the method's half
+    of the holdout, data the model never trained on; the other half, ``audit``, is the
+    verifier's and never reaches a method. ``validation``: optional extra holdout a method may
+    use for its own checks; ``original_recipe``: how the model was trained (retrain needs it)."""
 
     retain: SampleSet
     forget: SampleSet
-    reference: SampleSet
+    unseen: SampleSet
     scenario: Scenario
     validation: SampleSet | None = None
     original_recipe: Recipe | None = None
@@ -88,7 +89,7 @@ class UnlearningMethod(ABC):
     Config: ClassVar[type[MethodConfig]]
 
     def unlearn(self, model: nn.Module, *, retain: SampleSet, forget: SampleSet,
-                reference: SampleSet, validation: SampleSet | None = None,
+                unseen: SampleSet, validation: SampleSet | None = None,
                 original_recipe: Recipe | None = None, scenario: Scenario | None = None,
                 config: MethodConfig | None = None, device: str | torch.device = "auto",
                 seed: int = 0, progress: ProgressCallback | None = None,
@@ -106,7 +107,7 @@ class UnlearningMethod(ABC):
         generator = seed_everything(seed)
         task = UnlearningTask(
             retain=retain.to(torch_device), forget=forget.to(torch_device),
-            reference=reference.to(torch_device), scenario=scenario or Scenario(),
+            unseen=unseen.to(torch_device), scenario=scenario or Scenario(),
             validation=validation.to(torch_device) if validation is not None else None,
             original_recipe=original_recipe)
         if len(task.forget) == 0:

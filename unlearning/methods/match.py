@@ -17,11 +17,11 @@ Design (measurements and the alternatives tried are in unlearning/README.md):
   below, the probability of the label. (With a squared distance the confidence's unbounded
   member tail blew the model up on strongly overfit originals: test accuracy 0.85 -> 0.10
   within ten steps; W1 bounds the pull. See the README.)
-* Target: the *original* model's statistic on reference data (computed once). Matching to the
-  current model's reference statistic chases a target that moves as the model degrades; the
+* Target: the *original* model's statistic on the ``unseen`` slice (computed once). Matching to
+  the current model's statistic there chases a target that moves as the model degrades; the
   original's view of unseen data is a fixed point, so drifting away from it is penalised.
 * Distance: 1-D Wasserstein (W1) between a forget batch's sorted statistics and the target
-  distribution's quantiles at the same ranks (the reference side has no sampling noise); the
+  distribution's quantiles at the same ranks (the unseen side has no sampling noise); the
   absolute gap keeps the pull bounded however far a sample is from its target.
 * Utility guard: cross-entropy on retain batches plus distillation to the original on them;
   normalisation statistics frozen; a check of holdout accuracy that vetoes stopping and keeps
@@ -30,12 +30,13 @@ Design (measurements and the alternatives tried are in unlearning/README.md):
   retain and test accuracy on the full training set, and a step needs no backward pass
   through the convolutions.
 * Stopping rule: every ``check_every`` steps, the verifier's population attack on a fixed
-  forget sample against a second holdout slice disjoint from the matching reference; stop when
+  forget sample against ``unseen_stop``, a part of ``unseen`` disjoint from the part matched
+  against (``unseen_match``; docs/methods.md, "Data slices"); stop when
   its accuracy stays within ``tolerance`` (0.01) of 0.5 for ``patience`` checks; a large
   subset is checked on more forget and unseen samples (see ``resolve_stopping``). A forget set below
   ``min_population`` samples (one subject's handful) is judged by the verifier's KS test
   instead: stop when its p-value stays at or above ``ks_stop_p_value``.
-* Scenarios: the reference is relabelled with the forgotten label for class and backdoor
+* Scenarios: the unseen slice is relabelled with the forgotten label for class and backdoor
   (images of other classes paired with that label: how much a model that never learned it
   would believe it); with a known backdoor trigger, triggered retain images are matched too.
 """
@@ -72,8 +73,8 @@ from unlearning.verification.mia import (
     population_mia,
 )
 
-# At most this much memory holds the head inputs of the forget set and the matching
-# reference (cnn-small: 12.5 kB a sample, so 80 000 samples); past it, every step runs the body.
+# At most this much memory holds the head inputs of the forget set and ``unseen_match``
+# (cnn-small: 12.5 kB a sample, so 80 000 samples); past it, every step runs the body.
 HEAD_INPUT_CACHE_BYTES = 1 << 30
 
 
@@ -113,6 +114,7 @@ class MatchConfig(MethodConfig):
     weight_decay: float = 0.0
     forget_batch_size: int = 128
     retain_batch_size: int = 128
+    # batches from unseen_match (the name predates the slice's; policies store it)
     reference_batch_size: int | None = None  # None: forget_batch_size
     max_steps: int = 400
     check_every: int = 10
@@ -121,9 +123,9 @@ class MatchConfig(MethodConfig):
     # full training set with the loss statistic: 9 checks instead of 23 (unlearning/README.md).
     max_check_every: int = 40
     # None: by the forget set's size. A large subset (``margin_statistic_from`` samples and
-    # more) is checked on 2 000 forget samples against 70 % of the reference: on the full
+    # more) is checked on 2 000 forget samples against 70 % of ``unseen``: on the full
     # training set that (with the 0.01 band) took the MIA gap to retrain from 0.016 to 0.007
-    # (six runs, 3 seeds) at twice the steps. Smaller sets: 1 000 samples, half the reference.
+    # (six runs, 3 seeds) at twice the steps. Smaller sets: 1 000 samples, half of ``unseen``.
     check_size: int | None = None
     attack_features: str = "loss"
     # Blind: the attack within this of 0.5. 0.02 for sets below 2 000 samples until
@@ -132,7 +134,7 @@ class MatchConfig(MethodConfig):
     # (unlearning/README.md).
     tolerance: float = 0.01
     patience: int = 2
-    # the veto reads accuracy on the stopping slice (about 500 images: +-0.015 of noise); the
+    # the veto reads accuracy on unseen_stop (about 500 images: +-0.015 of noise); the
     # gate's own utility check on the test set is the binding one
     max_accuracy_drop: float = 0.03
     # Gradient-norm clip: on resnet8 (frozen BatchNorm), unclipped steps sent the loss from
@@ -205,10 +207,10 @@ def anchor_penalty(logits: torch.Tensor, original_logits: torch.Tensor, labels: 
     raise ValueError(f"unknown anchor loss {config.anchor_loss!r}")
 
 
-def quantile_targets(reference: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The reference distribution's quantiles at the mid-ranks of a batch of ``batch_size``."""
-    levels = (torch.arange(batch_size, dtype=torch.float32, device=reference.device) + 0.5)
-    return torch.quantile(reference.float(), levels / batch_size)
+def quantile_targets(distribution: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The quantiles of ``distribution`` at the mid-ranks of a batch of ``batch_size``."""
+    levels = (torch.arange(batch_size, dtype=torch.float32, device=distribution.device) + 0.5)
+    return torch.quantile(distribution.float(), levels / batch_size)
 
 
 def wasserstein_to_targets(statistic: torch.Tensor, targets: torch.Tensor,
@@ -333,35 +335,34 @@ class Match(UnlearningMethod):
         for parameter in original.parameters():
             parameter.requires_grad_(False)
 
-        # Two disjoint unseen slices: one to match against, one for the stopping rule's attack,
-        # so the rule cannot be satisfied by overfitting the slice it is judged on.
-        order = torch.randperm(len(task.reference), generator=generator).to(
-            task.reference.y.device)
+        # unseen cut in two: unseen_match to match against, unseen_stop for the stopping rule's
+        # attack, so the rule cannot be satisfied by overfitting the slice it is judged on.
+        order = torch.randperm(len(task.unseen), generator=generator).to(task.unseen.y.device)
         cut = int(len(order) * (1 - config.stopping_fraction))
-        matching_reference = scenario.relabelled_reference(task.reference.subset(order[:cut]))
-        stopping_slice = task.reference.subset(order[cut:])
-        stopping_reference = scenario.relabelled_reference(stopping_slice)
+        unseen_match = scenario.relabelled_unseen(task.unseen.subset(order[:cut]))
+        unseen_stop = task.unseen.subset(order[cut:])
+        unseen_stop_relabelled = scenario.relabelled_unseen(unseen_stop)
         # the same images with their true labels, for the utility guard
-        true_labels = stopping_slice.y.cpu() if scenario.forgotten_label is None else \
-            stopping_slice.y[stopping_slice.y != scenario.forgotten_label].cpu()
+        true_labels = unseen_stop.y.cpu() if scenario.forgotten_label is None else \
+            unseen_stop.y[unseen_stop.y != scenario.forgotten_label].cpu()
         forget_check = task.forget.sample(config.check_size, generator)
 
         if config.target not in ("original", "current"):
             raise ValueError(f"unknown target {config.target!r}")
-        # The original's statistics and logits on the matching reference, computed once.
-        anchor_logits = predict_logits(original, matching_reference, device).to(device)
-        reference_statistic = statistic_of(anchor_logits, matching_reference.y)
+        # The original's statistics and logits on unseen_match, computed once.
+        anchor_logits = predict_logits(original, unseen_match, device).to(device)
+        unseen_statistic = statistic_of(anchor_logits, unseen_match.y)
 
         population = len(forget_check) >= config.min_population
         counterpart = None if scenario.forgotten_label is None else \
-            scenario.unseen_counterpart(stopping_slice)
+            scenario.unseen_counterpart(unseen_stop)
 
         trainable = resolve_trainable(config, model)
         head = classifier_head(model)
         # With only the head training, what the frozen body hands it on the fixed check sets
         # never changes: computed once, a check then runs the head alone (on the full
         # training set a check had cost as much as two steps).
-        check_sets = [forget_check, stopping_reference] + \
+        check_sets = [forget_check, unseen_stop_relabelled] + \
             ([counterpart] if counterpart is not None else [])
         cached_inputs: dict[int, torch.Tensor] = {}
         if trainable == "head":
@@ -386,8 +387,9 @@ class Match(UnlearningMethod):
             small forget set, the forgotten label's hit rate for class and backdoor);
             ``blind``: 1.0 when this check alone says the attack is."""
             forget_logits = logits_of(forget_check)
-            unseen_logits = logits_of(stopping_reference)
-            accuracy = float((unseen_logits.argmax(1) == true_labels).float().mean())
+            stop_logits = logits_of(unseen_stop_relabelled)
+            # unseen_stop's accuracy, recorded as holdout_accuracy (the key results carry)
+            accuracy = float((stop_logits.argmax(1) == true_labels).float().mean())
             if counterpart is not None:
                 rate = max(label_rate(forget_logits, forget_check),
                            label_rate(logits_of(counterpart), counterpart))
@@ -397,14 +399,14 @@ class Match(UnlearningMethod):
             if population:
                 attack = population_mia(
                     attack_features(forget_logits, forget_check.y.cpu(), config.attack_features),
-                    attack_features(unseen_logits, stopping_reference.y.cpu(),
+                    attack_features(stop_logits, unseen_stop_relabelled.y.cpu(),
                                     config.attack_features), seed=seed)
                 gap = abs(attack.accuracy - 0.5)
                 return {"attack_accuracy": attack.accuracy, "attack_auc": attack.auc,
                         "gap": gap, "blind": float(gap <= config.tolerance),
                         "holdout_accuracy": accuracy}
             ks = ks_forget_test(per_sample_loss(forget_logits, forget_check.y.cpu()),
-                                per_sample_loss(unseen_logits, stopping_reference.y.cpu()))
+                                per_sample_loss(stop_logits, unseen_stop_relabelled.y.cpu()))
             return {"ks_p_value": ks.p_value, "gap": ks.statistic,
                     "blind": float(ks.p_value >= config.ks_stop_p_value),
                     "holdout_accuracy": accuracy}
@@ -419,9 +421,9 @@ class Match(UnlearningMethod):
         if baseline["blind"]:
             return RunOutcome(0, {"stopped": "already-blind", "checks": history})
 
-        reference_order = cycle_indices(len(matching_reference),
-                                        config.reference_batch_size or config.forget_batch_size,
-                                        generator, device)
+        unseen_order = cycle_indices(len(unseen_match),
+                                     config.reference_batch_size or config.forget_batch_size,
+                                     generator, device)
         if trainable == "head":
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
@@ -441,17 +443,17 @@ class Match(UnlearningMethod):
         pulled = task.forget
         if scenario.kind == "class":
             pulled = SampleSet.concat(task.forget, scenario.unseen_counterpart(
-                task.reference.subset(order[:cut])))
-        # With the head alone training, the forget set and the matching reference reach it
+                task.unseen.subset(order[:cut])))
+        # With the head alone training, the forget set and unseen_match reach it
         # through a body that never changes: their head inputs are computed once, and a step
         # runs the body on the retain batch alone, whose head input also serves the original's
         # head (the two bodies are the same).
-        pulled_inputs = reference_inputs = None
+        pulled_inputs = unseen_inputs = None
         sample_bytes = next(iter(cached_inputs.values()))[0].nbytes if cached_inputs else 0
-        if cached_inputs and sample_bytes * (len(pulled) + len(matching_reference)) \
+        if cached_inputs and sample_bytes * (len(pulled) + len(unseen_match)) \
                 <= HEAD_INPUT_CACHE_BYTES:
             pulled_inputs = head_inputs(model, head, pulled, device)
-            reference_inputs = head_inputs(model, head, matching_reference, device)
+            unseen_inputs = head_inputs(model, head, unseen_match, device)
         original_head = classifier_head(original)
         forget_order = cycle_indices(len(pulled), config.forget_batch_size, generator, device)
         forget_batches = cycle_batches(pulled, config.forget_batch_size, device, generator)
@@ -462,35 +464,35 @@ class Match(UnlearningMethod):
         next_check = config.check_every
         for step in range(1, config.max_steps + 1):
             x_r, y_r = next(retain_batches)
-            index = next(reference_order)
-            y_u = matching_reference.y[index]
+            index = next(unseen_order)
+            y_u = unseen_match.y[index]
             with autocast(device):
                 original_logits: torch.Tensor | None = None
-                if pulled_inputs is not None and reference_inputs is not None:
+                if pulled_inputs is not None and unseen_inputs is not None:
                     forget_index = next(forget_order)
                     y_f = pulled.y[forget_index]
                     forget_logits = head(pulled_inputs[forget_index])
-                    reference_logits = head(reference_inputs[index])
+                    unseen_logits = head(unseen_inputs[index])
                     with recorded_head_input(head) as retain_inputs:
                         retain_logits = model(x_r)
                     with torch.no_grad():
                         original_logits = original_head(retain_inputs[0])
                 else:
                     x_f, y_f = next(forget_batches)
-                    x_u = to_inputs(matching_reference.x[index], device)
-                    forget_logits, retain_logits, reference_logits = forward_parts(
+                    x_u = to_inputs(unseen_match.x[index], device)
+                    forget_logits, retain_logits, unseen_logits = forward_parts(
                         model, [x_f, x_r, x_u], device)
                 if config.target == "original":
-                    targets = quantile_targets(reference_statistic, len(y_f))
+                    targets = quantile_targets(unseen_statistic, len(y_f))
                 else:  # the current model's view of unseen data, held fixed for this step
-                    targets = quantile_targets(statistic_of(reference_logits.detach(), y_u),
+                    targets = quantile_targets(statistic_of(unseen_logits.detach(), y_u),
                                                len(y_f))
                 loss = config.match_weight * wasserstein_to_targets(
                     statistic_of(forget_logits, y_f), targets, config.distance)
                 loss = loss + config.retain_weight * F.cross_entropy(retain_logits, y_r)
                 if config.anchor_weight:
                     loss = loss + config.anchor_weight * anchor_penalty(
-                        reference_logits, anchor_logits[index], y_u, config)
+                        unseen_logits, anchor_logits[index], y_u, config)
                 if config.distill_weight:
                     if original_logits is None:
                         with torch.no_grad():

@@ -17,14 +17,14 @@ from unlearning.verification.mia import MIAResult, attack_features, population_m
 RETDEV_RATIO_FLOOR = 0.1
 
 
-def forget_mia(model: nn.Module, forget: SampleSet, holdout: SampleSet, scenario: Scenario,
+def forget_mia(model: nn.Module, forget: SampleSet, audit: SampleSet, scenario: Scenario,
                device: torch.device, *, feature_set: str = "loss", seed: int = 0) -> MIAResult:
-    """Population attack: the forget set against its unseen counterpart in the holdout."""
-    unseen = scenario.unseen_counterpart(holdout)
+    """Population attack: the forget set against its unseen counterpart in ``audit``."""
+    counterpart = scenario.unseen_counterpart(audit)
     members = attack_features(predict_logits(model, forget, device), forget.y.cpu(),
                               feature_set)
-    nonmembers = attack_features(predict_logits(model, unseen, device), unseen.y.cpu(),
-                                 feature_set)
+    nonmembers = attack_features(predict_logits(model, counterpart, device),
+                                 counterpart.y.cpu(), feature_set)
     return population_mia(members, nonmembers, seed=seed)
 
 
@@ -36,13 +36,13 @@ def utility_test_set(test: SampleSet, scenario: Scenario) -> SampleSet:
 
 
 def scenario_metrics(model: nn.Module, *, forget: SampleSet, retain: SampleSet,
-                     test: SampleSet, holdout: SampleSet, scenario: Scenario,
+                     test: SampleSet, audit: SampleSet, scenario: Scenario,
                      device: torch.device, seed: int = 0) -> dict[str, Any]:
     """Flat metrics of one model in one scenario (JSON-ready), named as the verification
     report's summary names them: ``test_accuracy`` excludes a forgotten class, which gets its
     own ``forget_class_accuracy``; ``attack_success_rate`` is None outside the backdoor
     scenario."""
-    mia = forget_mia(model, forget, holdout, scenario, device, seed=seed)
+    mia = forget_mia(model, forget, audit, scenario, device, seed=seed)
     metrics: dict[str, Any] = {
         "retain_accuracy": evaluate(model, retain, device)["accuracy"],
         "forget_accuracy": evaluate(model, forget, device)["accuracy"],

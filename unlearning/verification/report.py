@@ -82,8 +82,9 @@ class MethodRun:
 
 @dataclass(frozen=True)
 class GateReferences:
-    """The gate half of a reference set, for a job's forget and holdout samples: ``[h, n]``
-    OUT values (NaN where none), and which request each forget sample belongs to."""
+    """The gate half of a reference set, for a job's forget and ``audit`` samples
+    (``holdout_out``: the audit slice's): ``[h, n]`` OUT values (NaN where none), and which
+    request each forget sample belongs to."""
 
     forget_out: np.ndarray
     holdout_out: np.ndarray
@@ -195,33 +196,35 @@ def _accuracy(model: nn.Module, samples: SampleSet, device: torch.device) -> flo
 
 
 def build_verification_report(candidate: nn.Module, base: nn.Module, *, forget: SampleSet,
-                              holdout: SampleSet, test: SampleSet, scenario: Scenario,
+                              audit: SampleSet, test: SampleSet, scenario: Scenario,
                               device: torch.device, retain: SampleSet | None = None,
                               references: GateReferences | None = None, alpha: float = 0.05,
                               seed: int = 0) -> VerificationReport:
     """Everything the gate needs about ``candidate``, with the same numbers for ``base`` (the
     version it was derived from) where a comparison says how much signal was removed.
 
-    ``holdout``: unseen data not used by the unlearning method (the audit slice);
-    ``retain``: optional retain sample, for the retain-accuracy check; ``references``: the
-    gate half of the model's reference statistics for ``forget`` and ``holdout``, which makes
+    ``audit``: the verifier's half of the holdout, which the unlearning method never saw
+    (docs/methods.md, "Data slices"); ``retain``: optional retain sample, for the
+    retain-accuracy check; ``references``: the gate half of the model's reference statistics
+    for ``forget`` and ``audit``, which makes
     the per-request test run (subset requests only: a class or a backdoor has its own target)."""
     n_forget = len(forget)
     report = VerificationReport(scenario=scenario.to_dict(), n_forget=n_forget)
-    unseen = scenario.unseen_counterpart(holdout)
-    if n_forget >= 10 and len(unseen) >= 10:
+    counterpart = scenario.unseen_counterpart(audit)
+    if n_forget >= 10 and len(counterpart) >= 10:
         report.mia = {
             "feature_set": "loss",
-            "candidate": forget_mia(candidate, forget, holdout, scenario, device,
+            "candidate": forget_mia(candidate, forget, audit, scenario, device,
                                     seed=seed).to_dict(),
-            "base": forget_mia(base, forget, holdout, scenario, device, seed=seed).to_dict(),
-            "candidate_strong": forget_mia(candidate, forget, holdout, scenario, device,
+            "base": forget_mia(base, forget, audit, scenario, device, seed=seed).to_dict(),
+            "candidate_strong": forget_mia(candidate, forget, audit, scenario, device,
                                            feature_set="strong", seed=seed).to_dict(),
         }
-    if len(unseen) and n_forget:
+    if len(counterpart) and n_forget:
         forget_losses = per_sample_loss(predict_logits(candidate, forget, device), forget.y.cpu())
-        unseen_losses = per_sample_loss(predict_logits(candidate, unseen, device), unseen.y.cpu())
-        report.ks = ks_forget_test(forget_losses, unseen_losses).to_dict()
+        counterpart_losses = per_sample_loss(predict_logits(candidate, counterpart, device),
+                                             counterpart.y.cpu())
+        report.ks = ks_forget_test(forget_losses, counterpart_losses).to_dict()
     if references is None:
         report.per_sample_note = "no reference statistics for this model version"
     elif scenario.kind != "subset":
@@ -230,8 +233,8 @@ def build_verification_report(candidate: nn.Module, base: nn.Module, *, forget: 
         report.per_sample = per_request_test(
             candidate_phi=sample_phi(candidate, forget, device),
             base_phi=sample_phi(base, forget, device), forget_out=references.forget_out,
-            holdout_candidate_phi=sample_phi(candidate, holdout, device),
-            holdout_base_phi=sample_phi(base, holdout, device),
+            holdout_candidate_phi=sample_phi(candidate, audit, device),
+            holdout_base_phi=sample_phi(base, audit, device),
             holdout_out=references.holdout_out, request_of=references.request_of,
             alpha=alpha, seed=seed, reference_set=references.reference_set)
     utility = utility_test_set(test, scenario)
@@ -296,7 +299,7 @@ def decide(report: VerificationReport, thresholds: Thresholds | None = None) -> 
     # The KS test: a second check for small forget sets, where the population attack is noisy.
     if report.ks is None:
         if not population and report.n_forget:
-            failures.append("no unseen reference data to verify against")
+            failures.append("no audit data like the forget set to verify against")
     elif population and report.n_forget >= limits.ks_below:
         pass
     elif report.ks["p_value"] < limits.min_ks_p_value:
