@@ -26,6 +26,7 @@ from app.models_registry import service as registry
 from app.models_registry.models import Model, ModelVersion, VersionStatus
 from app.references import service as references
 from app.references.models import ReferenceSetRead
+from app.requests import metrics as request_metrics
 from app.requests import service as requests
 from app.requests.models import (
     DeletionRequest,
@@ -73,13 +74,15 @@ class Overview:
 
 def overview(db_session: Session, *, now: datetime | None = None) -> Overview:
     now = now or utcnow()
-    by_status = requests.count_by_status(db_session)
-    overdue, due_soon = requests.deadline_counts(db_session, now=now, soon=timedelta(days=10))
+    by_status = request_metrics.count_by_status(db_session)
+    overdue, due_soon = request_metrics.deadline_counts(db_session, now=now,
+                                                        soon=timedelta(days=10))
     first_day = (now - timedelta(days=PER_DAY_WINDOW - 1)).date()
     since = datetime.combine(first_day, datetime.min.time(), tzinfo=now.tzinfo)
-    counts = requests.received_per_day(db_session, since=since)
+    counts = request_metrics.received_per_day(db_session, since=since)
     days = [first_day + timedelta(days=i) for i in range(PER_DAY_WINDOW)]
-    deadlines = requests.to_read(db_session, requests.open_by_due_date(db_session, limit=15))
+    deadlines = requests.to_read(db_session,
+                                 request_metrics.open_by_due_date(db_session, limit=15))
     active = jobs.list_filtered(db_session, statuses=ACTIVE_JOBS, limit=20)
     return Overview(
         by_status=by_status,

@@ -46,7 +46,7 @@ from app.models_registry import service as registry
 from app.observability.multiprocess import MULTIPROC_ENV
 from app.references import service as references
 from app.references.models import ReferenceStatus
-from app.requests import service as requests
+from app.requests import metrics as requests
 
 log = logging.getLogger(__name__)
 

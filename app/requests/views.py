@@ -28,7 +28,7 @@ from app.core.group_commit import GroupCommit
 from app.core.spreadsheet import inert_cell
 from app.observability.request_id import get_request_id
 from app.requests import lifecycle, service
-from app.requests.intake import Presented
+from app.requests.intake import Presented, Submission, Submitted, submit_many
 from app.requests.models import (
     CREATE_EXAMPLES,
     BulkCreate,
@@ -41,7 +41,6 @@ from app.requests.models import (
     RequestKind,
     RequestStatus,
 )
-from app.requests.service import Submitted
 
 router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
 
@@ -90,12 +89,12 @@ def create_bulk(
 ) -> BulkResult:
     """Recorded in one transaction, but each item on its own account: one bad item does not
     stop the others. With an `Idempotency-Key`, item *i* uses the key `<key>:<i>`."""
-    submissions = [service.Submission(
+    submissions = [Submission(
         principal, item, f"{idempotency_key}:{index}" if idempotency_key else None,
         get_request_id()) for index, item in enumerate(body.requests)]
     succeeded, failed = [], []
-    for index, answer in enumerate(service.submit_many(db_session, submissions,
-                                                       secret_key=secret_key)):
+    for index, answer in enumerate(submit_many(db_session, submissions,
+                                               secret_key=secret_key)):
         if isinstance(answer, Problem):
             failed.append(BulkFailure(index=index, status=answer.status, title=answer.title,
                                       detail=answer.detail))

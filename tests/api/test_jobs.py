@@ -34,8 +34,7 @@ from app.jobs.models import UnlearningJob
 from app.models_registry import service as registry
 from app.models_registry.artifacts import ArtifactStore, StagedArtifact
 from app.models_registry.models import Model, ModelVersion, Policy
-from app.requests import lifecycle
-from app.requests import service as requests
+from app.requests import intake, lifecycle
 from app.requests.models import SubjectRequest
 from tests.api.seed import MLP
 from worker.context import WorkerContext
@@ -128,11 +127,10 @@ def deployment(database_url: str, tmp_path: Path) -> Iterator[Deployment]:
         registry.set_alias(db_session, model=model, alias="production", number=1,
                            actor="system")
         key, _ = keys.create(db_session, role=Role.requester, client_id="acme")
-        requests.create(db_session, principal=Principal(key_id=key.id, role=Role.requester,
-                                                        client_id="acme"),
-                        body=SubjectRequest(kind="subject", subject_ref="customer-0",
-                                            model=MODEL),
-                        idempotency_key=None, secret_key=SECRET)
+        intake.submit_many(db_session, [intake.Submission(
+            Principal(key_id=key.id, role=Role.requester, client_id="acme"),
+            SubjectRequest(kind="subject", subject_ref="customer-0", model=MODEL))],
+            secret_key=SECRET)
         (job,) = jobs.plan_batches(db_session)
         job_id = job.id
     yield Deployment(sessions, store, signer, job_id)

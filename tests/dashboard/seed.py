@@ -20,6 +20,7 @@ from app.auth.models import Role
 from app.auth.service import Principal
 from app.certificates.service import Signer
 from app.core.db import session_scope, utcnow
+from app.core.errors import Problem
 from app.core.security import subject_hash
 from app.datasets import service as datasets
 from app.datasets.models import DatasetCreate, Sample
@@ -30,7 +31,7 @@ from app.models_registry.artifacts import ArtifactStore, StagedArtifact
 from app.models_registry.models import Model, Policy, VersionStatus
 from app.references import service as references
 from app.references.models import ReferenceSet
-from app.requests import lifecycle
+from app.requests import intake, lifecycle
 from app.requests import service as requests
 from app.requests.models import ClassRequest, DeletionRequest, RequestStatus, SubjectRequest
 from unlearning.verification.per_sample import PerSampleEvidence, RequestEvidence
@@ -158,8 +159,11 @@ def _next_job(db_session: Session) -> UnlearningJob:
 
 def _submit(db_session: Session, principal: Principal, secret_key: bytes, body: Any
             ) -> DeletionRequest:
-    request, _ = requests.create(db_session, principal=principal, body=body,
-                                 idempotency_key=None, secret_key=secret_key)
+    (recorded,) = intake.submit_many(db_session, [intake.Submission(principal, body)],
+                                     secret_key=secret_key)
+    assert not isinstance(recorded, Problem), recorded
+    request = db_session.get(DeletionRequest, recorded[0].id)
+    assert request is not None
     return request
 
 
