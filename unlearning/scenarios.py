@@ -101,12 +101,9 @@ class Scenario:
             raise ValueError(f"not a scenario: {value!r} ({exc})") from None
 
     def label(self) -> str:
-        """For people: ``subset``, ``class 3``, ``backdoor -> 7``."""
-        if self.kind == "class":
-            return f"class {self.forget_class}"
-        if self.kind == "backdoor":
-            return f"backdoor -> {self.target_label}"
-        return self.kind
+        """For people and for the API's `scenario` field: ``subset``, ``class:3``,
+        ``backdoor``."""
+        return f"class:{self.forget_class}" if self.kind == "class" else self.kind
 
     def unseen_counterpart(self, samples: SampleSet) -> SampleSet:
         """The part of ``samples``, a slice of the holdout (``unseen_stop`` in match, ``audit``

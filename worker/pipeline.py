@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from unlearning.architectures import build_model
 from unlearning.loops import SampleSet
 from unlearning.methods import METHODS, MethodConfig, get_method
 from unlearning.runtime import resolve_device
-from unlearning.scenarios import Scenario, Trigger
+from unlearning.scenarios import Scenario
 from unlearning.training import Recipe
 from unlearning.verification.report import (
     GateReferences,
@@ -144,7 +143,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
         if ctx.artifacts.sha256_of(base.artifact_uri or "") != base.sha256:
             raise ArtifactCorrupted(f"{model.name} v{base.number}: sha256 mismatch")
         architecture, base_sha = model.architecture, base.sha256
-        level, scenario_key = job.escalation_level, job.scenario
+        level, scenario_key = job.escalation_level, scenario_for(job).label()
         gate_references = load_gate_references(db_session, model, data)
     if len(data.forget) == 0:
         nothing = VerificationReport(scenario=data.scenario.to_dict(), n_forget=0, passed=True,
@@ -323,27 +322,16 @@ def load_job_data(db_session: Session, ctx: WorkerContext, job: UnlearningJob,
     return JobData(
         forget=forget, retain=held("train")[0],
         unseen=holdout.subset(order[:half]), audit=holdout.subset(order[half:]),
-        test=held("test")[0], scenario=scenario_for(db_session, job, forget),
+        test=held("test")[0], scenario=scenario_for(job),
         forgotten=forgotten, forget_ids=[s.id for s in forget_rows],
         audit_ids=[holdout_rows[i].id for i in order[half:].tolist()],
         failed_requests=failed_requests, unreadable=unreadable)
 
 
-def scenario_for(db_session: Session, job: UnlearningJob, forget: SampleSet) -> Scenario:
-    if job.scenario.startswith("class:"):
-        return Scenario("class", forget_class=int(job.scenario.split(":", 1)[1]))
-    if job.scenario != "backdoor":
-        return Scenario("subset")
-    # Poisoned samples carry the attacker's target label; the batch's most common label is it.
-    target_label = Counter(forget.y.tolist()).most_common(1)[0][0] if len(forget) else 0
-    trigger = None
-    for target in lifecycle.targets_of(db_session, job_id=job.id):
-        request = db_session.get(DeletionRequest, target.request_id)
-        spec = request.payload.get("trigger") if request else None
-        if isinstance(spec, dict):
-            trigger = Trigger(**spec)
-            break
-    return Scenario("backdoor", target_label=int(target_label), trigger=trigger)
+def scenario_for(job: UnlearningJob) -> Scenario:
+    """The job's scenario, as intake stored it with its targets (Scenario.to_dict()): a
+    backdoor's trigger and poisoned label are its own requests', never guessed here."""
+    return Scenario.from_dict(job.scenario)
 
 
 def _stage(ctx: WorkerContext, model: torch.nn.Module, metadata: dict[str, str]

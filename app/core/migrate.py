@@ -29,6 +29,11 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
+def downgrade(database_url: str, revision: str) -> None:
+    """Back to ``revision`` (for tests of a data migration; operators roll forward)."""
+    command.downgrade(alembic_config(database_url), revision)
+
+
 def drift(database_url: str, metadata: MetaData) -> list[Any]:
     """Differences between the migrated schema and the ORM's ``metadata`` (every domain's
     tables: ``app.tables.metadata``); empty when they agree."""

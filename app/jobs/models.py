@@ -23,6 +23,17 @@ class JobStatus(StrEnum):
     canceled = "canceled"
 
 
+class JobOutcome(StrEnum):
+    """What one delivery of a job did (the worker's answer; the Celery task branches on it)."""
+
+    skipped = "skipped"  # not claimed: finished, running elsewhere, or nothing left
+    published = "published"  # a verified version was published
+    unchanged = "unchanged"  # nothing of the model to forget: the served version stands
+    failed = "failed"  # the job failed; its requests say why
+    requeued = "requeued"  # the base version moved: the job goes round again
+    superseded = "superseded"  # fenced: another delivery took the job while this one ran
+
+
 ACTIVE_JOB_STATUSES = (JobStatus.queued, JobStatus.running, JobStatus.verifying,
                        JobStatus.publishing)
 _ACTIVE_SQL = "status IN ('queued', 'running', 'verifying', 'publishing')"
@@ -40,7 +51,7 @@ class UnlearningJob(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"),
                                           index=True)
     base_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
-    scenario: Mapped[str] = mapped_column(String(24))
+    scenario: Mapped[dict[str, Any]] = mapped_column(JSONType)  # Scenario.to_dict()
     method: Mapped[str] = mapped_column(String(32))
     config: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     status: Mapped[str] = mapped_column(String(16), index=True)

@@ -34,6 +34,7 @@ from app.models_registry.models import Model, ModelVersion, Policy, VersionStatu
 from app.references import service as references
 from app.requests import lifecycle
 from app.requests.models import DeletionRequest, DeletionTarget, RequestStatus, TargetStatus
+from unlearning.scenarios import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def _lock_delivery(db_session: Session, job_id: str, attempt: int, *, write: str
 @dataclass
 class _Waiting:
     target_id: int
-    scenario: str
+    scenario: dict[str, Any]  # Scenario.to_dict(): equal ones share a job
     queued_at: datetime
     due_at: datetime
 
@@ -525,7 +526,8 @@ def to_read(db_session: Session, job: UnlearningJob) -> JobRead:
     result = db_session.scalar(select(ModelVersion.number).where(
         ModelVersion.job_id == job.id, ModelVersion.status != VersionStatus.rejected.value))
     return JobRead(
-        id=job.id, model=model.name if model else "?", scenario=job.scenario, method=job.method,
+        id=job.id, model=model.name if model else "?",
+        scenario=Scenario.from_dict(job.scenario).label(), method=job.method,
         status=JobStatus(job.status), attempt=job.attempt, escalation_level=job.escalation_level,
         phase=job.phase, percent=job.percent, step=job.step, total_steps=job.total_steps,
         metrics=job.metrics or {}, report=job.report, worker_host=job.worker_host,

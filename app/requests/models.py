@@ -105,9 +105,10 @@ class DeletionTarget(Base):
     request_id: Mapped[str] = mapped_column(ForeignKey("deletion_requests.id", ondelete="CASCADE"))
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(24))
-    # Which requests may share a job: "subset" (subject and sample requests alike),
-    # "class:<label>" or "backdoor".
-    scenario: Mapped[str] = mapped_column(String(24))
+    # The engine's scenario as JSON (unlearning.scenarios.Scenario.to_dict()): targets with
+    # equal scenarios may share a job (subject and sample requests alike are `subset`; a
+    # class, or a backdoor's trigger and poisoned label, each get their own jobs).
+    scenario: Mapped[dict[str, Any]] = mapped_column(JSONType)
     sample_count: Mapped[int] = mapped_column(Integer, default=0)
     job_id: Mapped[str | None] = mapped_column(
         ForeignKey("unlearning_jobs.id", ondelete="SET NULL"), index=True)
