@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from app.datasets import service as datasets
 from app.datasets.models import Dataset, Sample
 from app.jobs import service as jobs
-from app.jobs.models import UnlearningJob
+from app.jobs.models import JobOutcome, UnlearningJob
 from app.models_registry.artifacts import StagedArtifact
 from app.models_registry.models import Model, ModelVersion, Policy
 from app.observability.request_id import request_id_context
@@ -78,7 +78,7 @@ class JobData:
         return [self.forgotten[sample_id] for sample_id in self.forget_ids]
 
 
-def run(ctx: WorkerContext, job_id: str, *, task_id: str | None = None) -> str:
+def run(ctx: WorkerContext, job_id: str, *, task_id: str | None = None) -> JobOutcome:
     """Run one delivery of a job; returns what happened: `skipped`, `published`,
     `unchanged`, `failed`, `requeued` or `superseded` (the job was taken from this delivery
     while it ran, so it wrote nothing more)."""
@@ -86,7 +86,7 @@ def run(ctx: WorkerContext, job_id: str, *, task_id: str | None = None) -> str:
         job = jobs.claim(db_session, job_id=job_id, worker_host=ctx.hostname, task_id=task_id,
                          heartbeat_timeout=ctx.settings.heartbeat_timeout_seconds)
     if job is None:
-        return "skipped"
+        return JobOutcome.skipped
     attempt = job.attempt  # the fencing token: every write below carries it
     log.info("job %s: delivery %d on %s", job_id, attempt, ctx.hostname)
     log_per_request(ctx, job_id, "taken up by job %s (delivery %d)", job_id, attempt)
@@ -97,7 +97,7 @@ def run(ctx: WorkerContext, job_id: str, *, task_id: str | None = None) -> str:
     return outcome
 
 
-def _deliver(ctx: WorkerContext, job_id: str, attempt: int) -> str:
+def _deliver(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
     try:
         try:
             return _execute(ctx, job_id, attempt)
@@ -106,18 +106,18 @@ def _deliver(ctx: WorkerContext, job_id: str, attempt: int) -> str:
         except jobs.PublishConflict as conflict:  # the base changed: run again on the new one
             with ctx.session() as db_session:
                 jobs.requeue(db_session, job_id=job_id, attempt=attempt, reason=str(conflict))
-            return "requeued"
+            return JobOutcome.requeued
         except Exception as error:  # the job fails with the reason; an operator may retry
             log.exception("job %s failed", job_id)
             with ctx.session() as db_session:
                 jobs.fail(db_session, job_id=job_id, attempt=attempt,
                           reason=f"{type(error).__name__}: {error}")
-            return "failed"
+            return JobOutcome.failed
     except jobs.StaleAttempt as stale:
         # Fenced: the sweeper gave the job to another delivery while this worker was out of
         # reach (or it ended). Nothing of this delivery's is recorded; it just stops.
         log.warning("job %s: delivery %d stops without writing: %s", job_id, attempt, stale)
-        return "superseded"
+        return JobOutcome.superseded
 
 
 def log_per_request(ctx: WorkerContext, job_id: str, message: str, *args: object) -> None:
@@ -130,7 +130,7 @@ def log_per_request(ctx: WorkerContext, job_id: str, message: str, *args: object
             log.info("deletion request %s: " + message, request_id, *args)
 
 
-def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
+def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
     with ctx.session() as db_session:
         job, model, base, dataset = _rows(db_session, job_id)
         policy = Policy.model_validate(model.policy)
@@ -138,7 +138,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
         if data.failed_requests and not jobs.fail_requests(
                 db_session, job_id=job_id, attempt=attempt,
                 request_reasons=data.failed_requests):
-            return "failed"  # none of its requests could be served
+            return JobOutcome.failed  # none of its requests could be served
         base_path = ctx.artifacts.path_of(base.artifact_uri or "")
         if ctx.artifacts.sha256_of(base.artifact_uri or "") != base.sha256:
             raise ArtifactCorrupted(f"{model.name} v{base.number}: sha256 mismatch")
@@ -153,7 +153,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
             jobs.complete_unchanged(db_session, job_id=job_id, attempt=attempt,
                                     signer=ctx.signer, forgotten=data.forgotten,
                                     report=nothing.to_dict())
-        return "unchanged"
+        return JobOutcome.unchanged
     base_model = load_weights(build_model(architecture), base_path)
     parent_tensors = tensor_sha256(base_model)
     device = resolve_device(ctx.settings.device)
@@ -189,7 +189,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
                                        report=stored, metrics=stored["summary"],
                                        forgotten=data.forgotten)
             log.info("job %s: published version %d", job_id, version.number)
-            return "published"
+            return JobOutcome.published
         with ctx.session() as db_session:
             with _discarded_if_refused(ctx, staged):
                 jobs.reject_candidate(db_session, job_id=job_id, attempt=attempt,
@@ -203,7 +203,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> str:
                               request_id: "verification failed: "
                               + "; ".join(report.reasons_for(request_id))
                               for request_id in set(data.forgotten.values())})
-                return "failed"
+                return JobOutcome.failed
             jobs.escalate(db_session, job_id=job_id, attempt=attempt, level=next_level,
                           report=stored)
         level = next_level

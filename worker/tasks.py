@@ -13,6 +13,7 @@ from celery import Task
 from sqlalchemy.orm import Session
 
 from app.jobs import service as jobs
+from app.jobs.models import JobOutcome
 from app.references import service as reference_sets
 from app.webhooks import service as webhooks
 from app.webhooks import targets
@@ -69,9 +70,9 @@ def build_references(set_id: int) -> str:
 def run_job(self: Task, job_id: str) -> str:
     ctx = context.current()
     outcome = pipeline.run(ctx, job_id, task_id=self.request.id)
-    if outcome == "requeued":
+    if outcome is JobOutcome.requeued:
         dispatch([job_id])
-    elif outcome in ("published", "unchanged"):
+    elif outcome in (JobOutcome.published, JobOutcome.unchanged):
         maintenance.run_all(ctx)  # erase what the publish made erasable, now
     return outcome
 
