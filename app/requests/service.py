@@ -83,7 +83,7 @@ SORT_COLUMNS = {"received_at": DeletionRequest.received_at, "due_at": DeletionRe
 
 
 def _filtered(principal: Principal, filters: RequestFilters, now: datetime
-              ) -> Select[tuple[DeletionRequest]]:
+              ) -> Select[DeletionRequest]:
     query = select(DeletionRequest)
     client_id = principal.client_id if principal.role == Role.requester else filters.client_id
     if client_id is not None:
@@ -174,13 +174,14 @@ def to_read(db_session: Session, requests: Sequence[DeletionRequest]
             ) -> list[DeletionRequestRead]:
     """Read models for a page of requests, with their targets in one query."""
     ids = [r.id for r in requests]
-    rows = db_session.execute(
-        select(DeletionTarget, Model.name, ModelVersion.number)
-        .join(Model, Model.id == DeletionTarget.model_id)
-        .outerjoin(ModelVersion, ModelVersion.id == DeletionTarget.version_id)
-        .where(DeletionTarget.request_id.in_(ids)).order_by(DeletionTarget.id)) if ids else []
+    rows: list[tuple[DeletionTarget, str, int | None]] = [
+        (target, name, number) for target, name, number in db_session.execute(
+            select(DeletionTarget, Model.name, ModelVersion.number)
+            .join(Model, Model.id == DeletionTarget.model_id)
+            .outerjoin(ModelVersion, ModelVersion.id == DeletionTarget.version_id)
+            .where(DeletionTarget.request_id.in_(ids)).order_by(DeletionTarget.id))
+    ] if ids else []
     targets: dict[str, list[TargetRead]] = {}
-    rows = list(rows)
     waiting = references.models_waiting(
         db_session, {t.model_id for t, _, _ in rows if t.status == TargetStatus.queued.value
                      and t.job_id is None})
