@@ -32,7 +32,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from app.core.config import Settings  # noqa: E402
 from app.core.migrate import upgrade  # noqa: E402
-from app.jobs import service as jobs  # noqa: E402
+from app.jobs import scheduled  # noqa: E402
 from app.jobs.models import UnlearningJob  # noqa: E402
 from app.main import create_app  # noqa: E402
 from benchmarks.common import RESULTS, machine, service_world, write_results  # noqa: E402
@@ -69,7 +69,7 @@ def run_once(world: World, size: int, workdir: Path) -> dict[str, Any]:
         submitted = time.perf_counter()
         ctx = WorkerContext(settings)
         with ctx.session() as db_session:
-            (job,) = jobs.plan_batches(db_session)
+            (job,) = scheduled.plan_batches(db_session)
         outcome = pipeline.run(ctx, job.id)
         finished = time.perf_counter()
         with ctx.session() as db_session:

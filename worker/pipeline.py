@@ -1,7 +1,7 @@
 """One delivery of an unlearning job: claim -> load -> unlearn -> verify -> publish, with
-escalation when verification fails. The domain rules are in app/jobs/service.py; the
-algorithms in unlearning/. This module moves data between them and keeps the job's row live
-(progress, heartbeat) while it works."""
+escalation when verification fails. What each step does to the job and its requests (and
+when to escalate) is in app/jobs/flows.py; the algorithms in unlearning/. This module moves
+data between them and keeps the job's row live (progress, heartbeat) while it works."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets import service as datasets
 from app.datasets.models import Dataset, Sample
+from app.jobs import flows
 from app.jobs import service as jobs
 from app.jobs.models import JobOutcome, UnlearningJob
 from app.models_registry.artifacts import StagedArtifact
@@ -83,14 +84,14 @@ def run(ctx: WorkerContext, job_id: str, *, task_id: str | None = None) -> JobOu
     `unchanged`, `failed`, `requeued` or `superseded` (the job was taken from this delivery
     while it ran, so it wrote nothing more)."""
     with ctx.session() as db_session:
-        job = jobs.claim(db_session, job_id=job_id, worker_host=ctx.hostname, task_id=task_id,
-                         heartbeat_timeout=ctx.settings.heartbeat_timeout_seconds)
+        job = flows.start(db_session, job_id=job_id, worker_host=ctx.hostname, task_id=task_id,
+                          heartbeat_timeout=ctx.settings.heartbeat_timeout_seconds)
     if job is None:
         return JobOutcome.skipped
     attempt = job.attempt  # the fencing token: every write below carries it
     log.info("job %s: delivery %d on %s", job_id, attempt, ctx.hostname)
     log_per_request(ctx, job_id, "taken up by job %s (delivery %d)", job_id, attempt)
-    with Heartbeat(ctx, f"job {job_id}", lambda db_session: jobs.heartbeat(
+    with Heartbeat(ctx, f"job {job_id}", lambda db_session: flows.heartbeat(
             db_session, job_id=job_id, attempt=attempt), every=ctx.settings.heartbeat_seconds):
         outcome = _deliver(ctx, job_id, attempt)
     log_per_request(ctx, job_id, "job %s ended: %s", job_id, outcome)
@@ -101,19 +102,19 @@ def _deliver(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
     try:
         try:
             return _execute(ctx, job_id, attempt)
-        except jobs.StaleAttempt:
+        except flows.StaleAttempt:
             raise
-        except jobs.PublishConflict as conflict:  # the base changed: run again on the new one
+        except flows.PublishConflict as conflict:  # the base changed: run again on the new one
             with ctx.session() as db_session:
-                jobs.requeue(db_session, job_id=job_id, attempt=attempt, reason=str(conflict))
+                flows.requeue(db_session, job_id=job_id, attempt=attempt, reason=str(conflict))
             return JobOutcome.requeued
         except Exception as error:  # the job fails with the reason; an operator may retry
             log.exception("job %s failed", job_id)
             with ctx.session() as db_session:
-                jobs.fail(db_session, job_id=job_id, attempt=attempt,
-                          reason=f"{type(error).__name__}: {error}")
+                flows.abandon(db_session, job_id=job_id, attempt=attempt,
+                              reason=f"{type(error).__name__}: {error}")
             return JobOutcome.failed
-    except jobs.StaleAttempt as stale:
+    except flows.StaleAttempt as stale:
         # Fenced: the sweeper gave the job to another delivery while this worker was out of
         # reach (or it ended). Nothing of this delivery's is recorded; it just stops.
         log.warning("job %s: delivery %d stops without writing: %s", job_id, attempt, stale)
@@ -135,7 +136,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
         job, model, base, dataset = _rows(db_session, job_id)
         policy = Policy.model_validate(model.policy)
         data = load_job_data(db_session, ctx, job, dataset)
-        if data.failed_requests and not jobs.fail_requests(
+        if data.failed_requests and not flows.fail_requests(
                 db_session, job_id=job_id, attempt=attempt,
                 request_reasons=data.failed_requests):
             return JobOutcome.failed  # none of its requests could be served
@@ -150,9 +151,9 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
                                      per_sample_note="no training sample of the model is "
                                                      "covered: nothing to unlearn or test")
         with ctx.session() as db_session:
-            jobs.complete_unchanged(db_session, job_id=job_id, attempt=attempt,
-                                    signer=ctx.signer, forgotten=data.forgotten,
-                                    report=nothing.to_dict())
+            flows.complete_unchanged(db_session, job_id=job_id, attempt=attempt,
+                                     signer=ctx.signer, forgotten=data.forgotten,
+                                     report=nothing.to_dict())
         return JobOutcome.unchanged
     base_model = load_weights(build_model(architecture), base_path)
     parent_tensors = tensor_sha256(base_model)
@@ -167,7 +168,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
             config=config, device=device, seed=seed, progress=progress,
             cancel=CancelCheck(ctx, job_id))
         with ctx.session() as db_session:
-            jobs.begin_verification(db_session, job_id=job_id, attempt=attempt)
+            flows.verifying(db_session, job_id=job_id, attempt=attempt)
         retain_check = data.retain.sample(RETAIN_CHECK_SAMPLES, torch.Generator().manual_seed(seed))
         report = build_verification_report(
             result.model, base_model, forget=data.forget, audit=data.audit, test=data.test,
@@ -184,38 +185,33 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
         stored = report.to_dict()
         if report.passed:
             with ctx.session() as db_session, _discarded_if_refused(ctx, staged):
-                version = jobs.publish(db_session, job_id=job_id, attempt=attempt,
-                                       staged=staged, store=ctx.artifacts, signer=ctx.signer,
-                                       report=stored, metrics=stored["summary"],
-                                       forgotten=data.forgotten)
+                version = flows.candidate_passed(
+                    db_session, job_id=job_id, attempt=attempt, staged=staged,
+                    store=ctx.artifacts, signer=ctx.signer, report=stored,
+                    metrics=stored["summary"], forgotten=data.forgotten)
             log.info("job %s: published version %d", job_id, version.number)
             return JobOutcome.published
-        with ctx.session() as db_session:
-            with _discarded_if_refused(ctx, staged):
-                jobs.reject_candidate(db_session, job_id=job_id, attempt=attempt,
-                                      staged=staged, store=ctx.artifacts, report=stored,
-                                      metrics=stored["summary"])
-            next_level = jobs.next_escalation(policy, level)
-            if next_level is None:
-                jobs.fail(db_session, job_id=job_id, attempt=attempt, report=stored,
-                          reason="verification failed: " + "; ".join(report.reasons),
-                          request_reasons={
-                              request_id: "verification failed: "
-                              + "; ".join(report.reasons_for(request_id))
-                              for request_id in set(data.forgotten.values())})
-                return JobOutcome.failed
-            jobs.escalate(db_session, job_id=job_id, attempt=attempt, level=next_level,
-                          report=stored)
+        with ctx.session() as db_session, _discarded_if_refused(ctx, staged):
+            next_level = flows.candidate_failed(
+                db_session, job_id=job_id, attempt=attempt, staged=staged,
+                store=ctx.artifacts, report=stored, metrics=stored["summary"],
+                escalation=policy.escalation,
+                reason="verification failed: " + "; ".join(report.reasons),
+                request_reasons={request_id: "verification failed: "
+                                 + "; ".join(report.reasons_for(request_id))
+                                 for request_id in set(data.forgotten.values())})
+        if next_level is None:
+            return JobOutcome.failed
         level = next_level
 
 
 @contextmanager
 def _discarded_if_refused(ctx: WorkerContext, staged: StagedArtifact) -> Iterator[None]:
-    """A candidate the job service refuses to record (this delivery was superseded, or the
+    """A candidate the job's flows refuse to record (this delivery was superseded, or the
     base version changed) is nobody's: its staged weights are deleted at once."""
     try:
         yield
-    except jobs.PublishConflict:
+    except flows.PublishConflict:
         ctx.artifacts.discard(staged)
         raise
 
@@ -369,12 +365,12 @@ class ProgressWriter:
             return
         self._last = now
         with self.ctx.session() as db_session:
-            written = jobs.report_progress(db_session, job_id=self.job_id, attempt=self.attempt,
-                                           phase=self.prefix + phase, step=step, total=total,
-                                           metrics=_jsonable(metrics))
+            written = flows.report_progress(
+                db_session, job_id=self.job_id, attempt=self.attempt,
+                phase=self.prefix + phase, step=step, total=total, metrics=_jsonable(metrics))
         if not written:  # the job was taken from this delivery: stop computing for nothing
-            raise jobs.StaleAttempt(self.job_id, self.attempt,
-                                    now="its progress write matched no running delivery")
+            raise flows.StaleAttempt(self.job_id, self.attempt,
+                                     now="its progress write matched no running delivery")
 
 
 class CancelCheck:

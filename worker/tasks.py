@@ -12,7 +12,7 @@ import httpx
 from celery import Task
 from sqlalchemy.orm import Session
 
-from app.jobs import service as jobs
+from app.jobs import scheduled
 from app.jobs.models import JobOutcome
 from app.references import service as reference_sets
 from app.webhooks import service as webhooks
@@ -40,7 +40,7 @@ def _send(task: Any, ids: list[Any], mark: Callable[..., None]) -> None:
 
 
 def dispatch(job_ids: Iterable[str]) -> None:
-    _send(run_job, list(job_ids), jobs.mark_dispatched)
+    _send(run_job, list(job_ids), scheduled.mark_dispatched)
 
 
 def dispatch_references(set_ids: Iterable[int]) -> None:
@@ -53,7 +53,7 @@ def batch() -> list[str]:
     the API, which does not talk to the broker)."""
     ctx = context.current()
     with ctx.session() as db_session:
-        created = [job.id for job in jobs.plan_batches(db_session)]
+        created = [job.id for job in scheduled.plan_batches(db_session)]
         waiting_sets = reference_sets.undispatched(
             db_session, older_than=max(60.0, 3 * ctx.settings.heartbeat_timeout_seconds))
     dispatch(created)
@@ -84,8 +84,8 @@ def sweep() -> list[str]:
     ctx = context.current()
     timeout = ctx.settings.heartbeat_timeout_seconds
     with ctx.session() as db_session:
-        again = jobs.requeue_lost(db_session, heartbeat_timeout=timeout)
-        again += jobs.undispatched(db_session, older_than=max(60.0, 3 * timeout))
+        again = scheduled.requeue_lost(db_session, heartbeat_timeout=timeout)
+        again += scheduled.undispatched(db_session, older_than=max(60.0, 3 * timeout))
         lost_sets = reference_sets.requeue_lost(db_session, heartbeat_timeout=timeout)
     dispatch(sorted(set(again)))
     dispatch_references(lost_sets)

@@ -29,11 +29,11 @@ from app.core.db import make_engine, make_sessionmaker, session_scope, utcnow
 from app.core.security import subject_hash
 from app.datasets import service as datasets
 from app.datasets.models import DatasetCreate, Sample
-from app.jobs import service as jobs
+from app.jobs import flows, scheduled
 from app.jobs.models import UnlearningJob
 from app.models_registry import service as registry
 from app.models_registry.artifacts import ArtifactStore, StagedArtifact
-from app.models_registry.models import Model, ModelVersion, Policy
+from app.models_registry.models import EscalationPolicy, Model, ModelVersion, Policy
 from app.requests import intake, lifecycle
 from app.requests.models import SubjectRequest
 from tests.api.seed import MLP
@@ -63,8 +63,8 @@ class Deployment:
 
     def claim(self, worker: str) -> int:
         with self.session() as db_session:
-            job = jobs.claim(db_session, job_id=self.job_id, worker_host=worker, task_id=None,
-                             heartbeat_timeout=60)
+            job = flows.start(db_session, job_id=self.job_id, worker_host=worker, task_id=None,
+                              heartbeat_timeout=60)
             assert job is not None, "the claim was refused"
             return job.attempt
 
@@ -74,7 +74,7 @@ class Deployment:
             db_session.execute(update(UnlearningJob).where(UnlearningJob.id == self.job_id)
                                .values(heartbeat_at=utcnow() - timedelta(minutes=5)))
             db_session.commit()
-            assert jobs.requeue_lost(db_session, heartbeat_timeout=60) == [self.job_id]
+            assert scheduled.requeue_lost(db_session, heartbeat_timeout=60) == [self.job_id]
 
     def job(self) -> UnlearningJob:
         with self.session() as db_session:
@@ -131,7 +131,7 @@ def deployment(database_url: str, tmp_path: Path) -> Iterator[Deployment]:
             Principal(key_id=key.id, role=Role.requester, client_id="acme"),
             SubjectRequest(kind="subject", subject_ref="customer-0", model=MODEL))],
             secret_key=SECRET)
-        (job,) = jobs.plan_batches(db_session)
+        (job,) = scheduled.plan_batches(db_session)
         job_id = job.id
     yield Deployment(sessions, store, signer, job_id)
     engine.dispose()
@@ -140,10 +140,10 @@ def deployment(database_url: str, tmp_path: Path) -> Iterator[Deployment]:
 def publish(deployment: Deployment, attempt: int, staged: StagedArtifact | None = None
             ) -> ModelVersion:
     with deployment.session() as db_session:
-        return jobs.publish(db_session, job_id=deployment.job_id, attempt=attempt,
-                            staged=staged or deployment.staged(), store=deployment.store,
-                            signer=deployment.signer, report=GOOD, metrics={},
-                            forgotten=deployment.forgotten())
+        return flows.candidate_passed(
+            db_session, job_id=deployment.job_id, attempt=attempt,
+            staged=staged or deployment.staged(), store=deployment.store,
+            signer=deployment.signer, report=GOOD, metrics={}, forgotten=deployment.forgotten())
 
 
 def test_a_delivery_the_sweeper_replaced_cannot_publish_and_the_new_one_can(
@@ -153,7 +153,7 @@ def test_a_delivery_the_sweeper_replaced_cannot_publish_and_the_new_one_can(
     assert deployment.claim("host-b:2") == 2
 
     late = deployment.staged()
-    with pytest.raises(jobs.StaleAttempt) as refused:
+    with pytest.raises(flows.StaleAttempt) as refused:
         publish(deployment, 1, late)
     assert refused.value.retry is False and "delivery 1" in str(refused.value)
     assert late.path.exists()  # not consumed: the stale worker discards it
@@ -179,7 +179,7 @@ def test_a_requeued_job_refuses_its_old_delivery_before_anyone_claims_it_again(
         deployment: Deployment) -> None:
     deployment.claim("host-a:1")
     deployment.lose_worker()
-    with pytest.raises(jobs.StaleAttempt):
+    with pytest.raises(flows.StaleAttempt):
         publish(deployment, 1)
     assert deployment.job().status == "queued"
     assert deployment.versions() == [(1, "published")]
@@ -196,37 +196,39 @@ def test_a_stale_heartbeat_does_not_keep_the_new_delivery_alive(
         db_session.execute(update(UnlearningJob).where(UnlearningJob.id == deployment.job_id)
                            .values(heartbeat_at=long_ago, phase="match: epoch 1/5"))
         db_session.commit()
-        assert jobs.heartbeat(db_session, job_id=deployment.job_id, attempt=1) is False
-        assert jobs.report_progress(db_session, job_id=deployment.job_id, attempt=1,
-                                    phase="match: epoch 5/5", step=5, total=5,
-                                    metrics={}) is False
+        assert flows.heartbeat(db_session, job_id=deployment.job_id, attempt=1) is False
+        assert flows.report_progress(db_session, job_id=deployment.job_id, attempt=1,
+                                     phase="match: epoch 5/5", step=5, total=5,
+                                     metrics={}) is False
     job = deployment.job()
     assert (job.heartbeat_at, job.phase) == (long_ago, "match: epoch 1/5")
     # The sweeper sees the new delivery's silence, whatever the old worker sends.
     with deployment.session() as db_session:
-        assert jobs.requeue_lost(db_session, heartbeat_timeout=60) == [deployment.job_id]
+        assert scheduled.requeue_lost(db_session, heartbeat_timeout=60) == [deployment.job_id]
     deployment.claim("host-c:3")
     with deployment.session() as db_session:
-        assert jobs.heartbeat(db_session, job_id=deployment.job_id, attempt=3) is True
+        assert flows.heartbeat(db_session, job_id=deployment.job_id, attempt=3) is True
     beat = deployment.job().heartbeat_at
     assert beat is not None and beat > long_ago
 
 
 StaleWrite = Callable[[Session, Deployment], object]
+# Each flow a delivery runs after its claim, by the name its refusal is audited under.
 STALE_WRITES: dict[str, StaleWrite] = {
-    "begin_verification": lambda s, d: jobs.begin_verification(s, job_id=d.job_id, attempt=1),
-    "escalate": lambda s, d: jobs.escalate(s, job_id=d.job_id, attempt=1, level=1, report=BAD),
-    "reject_candidate": lambda s, d: jobs.reject_candidate(
+    "begin_verification": lambda s, d: flows.verifying(s, job_id=d.job_id, attempt=1),
+    "reject_candidate": lambda s, d: flows.candidate_failed(
         s, job_id=d.job_id, attempt=1, staged=d.staged(), store=d.store, report=BAD,
-        metrics={}),
-    "fail": lambda s, d: jobs.fail(s, job_id=d.job_id, attempt=1, reason="lost its way"),
-    "publish": lambda s, d: jobs.publish(
+        metrics={}, escalation=EscalationPolicy(), reason="verification failed"),
+    "fail": lambda s, d: flows.abandon(s, job_id=d.job_id, attempt=1, reason="lost its way"),
+    "publish": lambda s, d: flows.candidate_passed(
         s, job_id=d.job_id, attempt=1, staged=d.staged(), store=d.store, signer=d.signer,
         report=GOOD, metrics={}, forgotten=d.forgotten()),
-    "complete_unchanged": lambda s, d: jobs.complete_unchanged(
+    "complete_unchanged": lambda s, d: flows.complete_unchanged(
         s, job_id=d.job_id, attempt=1, signer=d.signer, report=GOOD,
         forgotten=d.forgotten()),
-    "requeue": lambda s, d: jobs.requeue(s, job_id=d.job_id, attempt=1, reason="base moved"),
+    "requeue": lambda s, d: flows.requeue(s, job_id=d.job_id, attempt=1, reason="base moved"),
+    "fail_requests": lambda s, d: flows.fail_requests(
+        s, job_id=d.job_id, attempt=1, request_reasons={"any": "unreadable"}),
 }
 
 
@@ -237,7 +239,7 @@ def test_every_state_change_of_a_stale_delivery_is_refused_and_recorded(
     deployment.lose_worker()
     deployment.claim("host-b:2")
     before = deployment.job()
-    with deployment.session() as db_session, pytest.raises(jobs.StaleAttempt):
+    with deployment.session() as db_session, pytest.raises(flows.StaleAttempt):
         STALE_WRITES[write](db_session, deployment)
     after = deployment.job()
     assert (after.status, after.attempt, after.phase, after.escalation_level, after.report,
@@ -259,7 +261,47 @@ def test_the_stale_worker_stops_at_its_next_progress_write(
     ctx = WorkerContext(Settings(data_dir=tmp_path, database_url=database_url,
                                  secret_key="test"))
     progress = ProgressWriter(ctx, deployment.job_id, 1, prefix="match: ")
-    with pytest.raises(jobs.StaleAttempt):  # raised into the method: it stops computing
+    with pytest.raises(flows.StaleAttempt):  # raised into the method: it stops computing
         progress("epoch 3/5", 3, 5, {"loss": 0.5})
     ctx.engine.dispose()
     assert deployment.job().phase == "starting"  # delivery 2's, untouched
+
+
+def test_a_failed_candidate_escalates_while_the_policy_allows_then_fails_the_job(
+        deployment: Deployment) -> None:
+    attempt = deployment.claim("host-a:1")
+    request_id = next(iter(deployment.forgotten().values()))
+    rounds = []
+    for _ in range(3):
+        with deployment.session() as db_session:
+            flows.verifying(db_session, job_id=deployment.job_id, attempt=attempt)
+            level = flows.candidate_failed(
+                db_session, job_id=deployment.job_id, attempt=attempt,
+                staged=deployment.staged(), store=deployment.store, report=BAD, metrics={},
+                escalation=EscalationPolicy(), reason="verification failed: for the batch",
+                request_reasons={request_id: "verification failed: for this request"})
+            (target,) = lifecycle.targets_of(db_session, job_id=deployment.job_id)
+            rounds.append((level, target.status))
+    # stronger settings, then exact retrain (the target back to processing each time), then
+    # no level is left
+    assert rounds == [(1, "processing"), (2, "processing"), (None, "failed")]
+    assert deployment.versions() == [(1, "published"), (2, "rejected"), (3, "rejected"),
+                                     (4, "rejected")]
+    job = deployment.job()
+    assert (job.status, job.escalation_level, job.failure_reason) == (
+        "failed", 2, "verification failed: for the batch")
+    with deployment.session() as db_session:
+        (target,) = lifecycle.targets_of(db_session, job_id=deployment.job_id)
+        assert (target.status, target.failure_reason) == (
+            "failed", "verification failed: for this request")
+    assert [action for action, _ in deployment.events()][-3:] == [
+        "job.escalated", "job.escalated", "job.failed"]
+
+
+@pytest.mark.parametrize(("stronger", "retrain", "after"), [
+    (True, True, {0: 1, 1: 2, 2: None}), (True, False, {0: 1, 1: None, 2: None}),
+    (False, True, {0: 2, 1: 2, 2: None}), (False, False, {0: None, 1: None, 2: None})])
+def test_escalation_goes_stronger_then_to_retrain_as_the_policy_allows(
+        stronger: bool, retrain: bool, after: dict[int, int | None]) -> None:
+    escalation = EscalationPolicy(stronger_attempt=stronger, allow_retrain=retrain)
+    assert {level: flows.next_escalation(escalation, level) for level in after} == after

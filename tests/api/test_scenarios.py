@@ -10,7 +10,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from app.core.db import session_scope
-from app.jobs import service as jobs
+from app.jobs import scheduled
 from app.requests.models import DeletionTarget
 from tests.api.seed import MLP, seed_model
 from unlearning.architectures import build_model
@@ -60,7 +60,7 @@ def test_backdoor_requests_keep_their_own_trigger_and_share_a_job_only_when_equa
                                          trigger=TOP_LEFT)
         assert stored[other] == Scenario("backdoor", target_label=3,
                                          trigger=BOTTOM_RIGHT)
-        (job,) = jobs.plan_batches(db_session)
+        (job,) = scheduled.plan_batches(db_session)
         members = {t.request_id for t in db_session.query(DeletionTarget)
                    .filter(DeletionTarget.job_id == job.id)}
         assert members == {first, same}  # the other trigger waits for a job of its own
@@ -75,7 +75,7 @@ def test_each_class_is_a_scenario_of_its_own(client: TestClient, operator: dict[
     assert client.get(f"{URL}/{three}", headers=operator
                       ).json()["targets"][0]["scenario"] == "class:3"
     with session_scope(client.app.state.sessionmaker) as db_session:  # type: ignore[attr-defined]
-        (job,) = jobs.plan_batches(db_session)
+        (job,) = scheduled.plan_batches(db_session)
         assert scenario_for(job) == Scenario("class", forget_class=3)
         members = {t.request_id for t in db_session.query(DeletionTarget)
                    .filter(DeletionTarget.job_id == job.id)}

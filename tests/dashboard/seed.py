@@ -24,11 +24,11 @@ from app.core.errors import Problem
 from app.core.security import subject_hash
 from app.datasets import service as datasets
 from app.datasets.models import DatasetCreate, Sample
-from app.jobs import service as jobs
+from app.jobs import flows, scheduled
 from app.jobs.models import UnlearningJob
 from app.models_registry import service as registry
 from app.models_registry.artifacts import ArtifactStore, StagedArtifact
-from app.models_registry.models import Model, Policy, VersionStatus
+from app.models_registry.models import EscalationPolicy, Model, Policy, VersionStatus
 from app.references import service as references
 from app.references.models import ReferenceSet
 from app.requests import intake, lifecycle
@@ -149,10 +149,10 @@ def _forgotten(db_session: Session, job_id: str) -> dict[int, str]:
 
 
 def _next_job(db_session: Session) -> UnlearningJob:
-    created = jobs.plan_batches(db_session)
+    created = scheduled.plan_batches(db_session)
     assert len(created) == 1, created
-    job = jobs.claim(db_session, job_id=created[0].id, worker_host="gpu-worker-1:4242",
-                     task_id=None, heartbeat_timeout=600)
+    job = flows.start(db_session, job_id=created[0].id, worker_host="gpu-worker-1:4242",
+                      task_id=None, heartbeat_timeout=600)
     assert job is not None
     return job
 
@@ -216,20 +216,20 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
                                actor="key:seed")
         fashion = registry.get(db_session, name=MODEL)
 
-        # A job whose candidate fails verification at every level: the request fails.
+        # A job whose candidate fails verification with no escalation left: the request fails.
         failed = _submit(db_session, acme, secret_key,
                          SubjectRequest(kind="subject", subject_ref="customer-0", model=MODEL))
         job = _next_job(db_session)
-        jobs.report_progress(db_session, job_id=job.id, attempt=job.attempt,
-                             phase="match: epoch 5/5", step=100, total=100,
-                             metrics={"loss": 0.83, "forget_accuracy": 0.97})
-        jobs.begin_verification(db_session, job_id=job.id, attempt=job.attempt)
+        flows.report_progress(db_session, job_id=job.id, attempt=job.attempt,
+                              phase="match: epoch 5/5", step=100, total=100,
+                              metrics={"loss": 0.83, "forget_accuracy": 0.97})
+        flows.verifying(db_session, job_id=job.id, attempt=job.attempt)
         bad = report(passed=False, mia_accuracy=0.71, test_accuracy=0.905)
-        jobs.reject_candidate(db_session, job_id=job.id, attempt=job.attempt,
-                              staged=_staged(store), store=store, report=bad,
-                              metrics=bad["summary"])
-        jobs.fail(db_session, job_id=job.id, attempt=job.attempt, report=bad,
-                  reason="verification failed: " + "; ".join(bad["reasons"]))
+        flows.candidate_failed(
+            db_session, job_id=job.id, attempt=job.attempt, staged=_staged(store), store=store,
+            report=bad, metrics=bad["summary"],
+            escalation=EscalationPolicy(stronger_attempt=False, allow_retrain=False),
+            reason="verification failed: " + "; ".join(bad["reasons"]))
         seeded.requests["failed"], seeded.jobs["failed"] = failed.id, job.id
 
         # Two jobs that pass and publish versions 3 and 4, with certificates: the first with
@@ -245,15 +245,16 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
             done = _submit(db_session, acme if label == "completed" else globex, secret_key,
                            SubjectRequest(kind="subject", subject_ref=subject, model=MODEL))
             job = _next_job(db_session)
-            jobs.report_progress(db_session, job_id=job.id, attempt=job.attempt,
-                                 phase="match: epoch 5/5", step=100, total=100,
-                                 metrics={"loss": 0.35})
-            jobs.begin_verification(db_session, job_id=job.id, attempt=job.attempt)
+            flows.report_progress(db_session, job_id=job.id, attempt=job.attempt,
+                                  phase="match: epoch 5/5", step=100, total=100,
+                                  metrics={"loss": 0.35})
+            flows.verifying(db_session, job_id=job.id, attempt=job.attempt)
             good = evidence_report(mia_accuracy=mia, test_accuracy=test, request_id=done.id,
                                    reference_set=ready.id if ready else None)
-            jobs.publish(db_session, job_id=job.id, attempt=job.attempt, staged=_staged(store),
-                         store=store, signer=signer, report=good, metrics=good["summary"],
-                         forgotten=_forgotten(db_session, job.id))
+            flows.candidate_passed(
+                db_session, job_id=job.id, attempt=job.attempt, staged=_staged(store),
+                store=store, signer=signer, report=good, metrics=good["summary"],
+                forgotten=_forgotten(db_session, job.id))
             seeded.requests[label], seeded.jobs[label] = done.id, job.id
         # An operator's upload, newer than every erasure: production may move to it.
         registry.add_version(db_session, model=fashion, staged=_staged(store), store=store,
@@ -263,9 +264,9 @@ def seed(factory: sessionmaker[Session], *, store: ArtifactStore, signer: Signer
         running = _submit(db_session, acme, secret_key,
                           SubjectRequest(kind="subject", subject_ref="customer-3", model=MODEL))
         job = _next_job(db_session)
-        jobs.report_progress(db_session, job_id=job.id, attempt=job.attempt,
-                             phase="match: epoch 2/5", step=40, total=100,
-                             metrics={"loss": 0.412, "forget_accuracy": 0.62})
+        flows.report_progress(db_session, job_id=job.id, attempt=job.attempt,
+                              phase="match: epoch 2/5", step=40, total=100,
+                              metrics={"loss": 0.412, "forget_accuracy": 0.62})
         seeded.requests["processing"], seeded.jobs["running"] = running.id, job.id
 
         # Queued requests with deadlines in every colour band, one overdue.

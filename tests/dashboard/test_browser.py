@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from app.core.db import session_scope
-from app.jobs import service as jobs
+from app.jobs import flows
 from tests.conftest import service_unavailable
 from tests.dashboard.conftest import LiveServer, World, make_world
 
@@ -177,8 +177,8 @@ def test_a_running_job_page_refreshes_itself(tab: Page, live: tuple[LiveServer, 
     assert tab.page.locator("body").get_attribute("data-live") == "3"
     assert tab.page.locator("#job-progress .pct").inner_text() == "40 %"
     with session_scope(world.app.state.sessionmaker) as db_session:
-        jobs.report_progress(db_session, job_id=job_id, attempt=1, phase="match: epoch 5/5",
-                             step=85, total=100, metrics={"loss": 0.2})
+        flows.report_progress(db_session, job_id=job_id, attempt=1, phase="match: epoch 5/5",
+                              step=85, total=100, metrics={"loss": 0.2})
     # No navigation: the poll swaps the live region in place.
     tab.page.wait_for_function(
         "() => document.querySelector('#job-progress .pct').textContent.trim() === '85 %'",

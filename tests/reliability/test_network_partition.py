@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.audit.models import AuditEvent
 from app.certificates.models import Certificate
 from app.core.db import make_engine, make_sessionmaker, session_scope
-from app.jobs import service as jobs
+from app.jobs import scheduled
 from app.jobs.models import UnlearningJob
 from app.models_registry.models import ModelVersion
 from app.requests.models import DeletionRequest
@@ -240,7 +240,7 @@ class Stage:
     def sweep(self) -> bool:
         """The sweeper's pass; True once it has requeued the job."""
         with session_scope(self.sessions) as db_session:
-            return jobs.requeue_lost(db_session, heartbeat_timeout=SILENCE) == [self.job_id]
+            return scheduled.requeue_lost(db_session, heartbeat_timeout=SILENCE) == [self.job_id]
 
     def deliver(self, name: str, database_url: str, *prefix: str, redelivery: bool = False
                 ) -> Delivery:
@@ -267,7 +267,7 @@ def stage(postgres_url: str, tmp_path: Path) -> Iterator[Stage]:
                                           POLICY):
             stage.request_ids = submit_subjects(deployment, deployment.subjects(BATCH))
             with session_scope(stage.sessions) as db_session:
-                (planned,) = jobs.plan_batches(db_session)
+                (planned,) = scheduled.plan_batches(db_session)
                 stage.job_id = planned.id
             yield stage
     finally:

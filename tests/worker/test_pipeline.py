@@ -15,7 +15,7 @@ from sqlalchemy import select
 from app.certificates import signing
 from app.core.security import subject_hash
 from app.datasets.models import Sample
-from app.jobs import service as jobs
+from app.jobs import flows, scheduled
 from app.models_registry.models import VerificationPolicy
 from app.observability.logs import RequestIdFilter
 from tests.worker.conftest import FAST_POLICY, MODEL, Deployment, make_deployment
@@ -45,7 +45,7 @@ def submit_subjects(deployment: Deployment, subjects: list[str]) -> list[str]:
 def run_batches(deployment: Deployment) -> list[str]:
     ctx = deployment.worker
     with ctx.session() as db_session:
-        created = [job.id for job in jobs.plan_batches(db_session)]
+        created = [job.id for job in scheduled.plan_batches(db_session)]
     return [pipeline.run(ctx, job_id) for job_id in created]
 
 
@@ -142,9 +142,9 @@ def test_forgotten_samples_leave_every_later_forget_and_retain_set(
     submit_subjects(deployment, subjects[BATCH:])
     ctx = deployment.worker
     with ctx.session() as db_session:
-        (job,) = jobs.plan_batches(db_session)
-        claimed = jobs.claim(db_session, job_id=job.id, worker_host="test", task_id=None,
-                             heartbeat_timeout=60)
+        (job,) = scheduled.plan_batches(db_session)
+        claimed = flows.start(db_session, job_id=job.id, worker_host="test", task_id=None,
+                              heartbeat_timeout=60)
         assert claimed is not None
         data = pipeline.load_job_data(db_session, ctx, claimed, _dataset(db_session))
         forgotten_ids = set(db_session.scalars(select(Sample.id).where(
@@ -206,7 +206,7 @@ def test_a_second_delivery_of_a_finished_job_does_nothing(
                                headers={**deployment.requester, "X-Request-ID": f"t-{subject}"})
     ctx = deployment.worker
     with ctx.session() as db_session:
-        (job,) = jobs.plan_batches(db_session)
+        (job,) = scheduled.plan_batches(db_session)
     caplog.handler.addFilter(RequestIdFilter())  # what the JSON log handler stamps
     def versions() -> list[dict[str, object]]:
         return deployment.client.get(f"/v1/models/{MODEL}/versions",

@@ -17,7 +17,7 @@ from app.auth import service as keys
 from app.auth.models import Role
 from app.core.db import utcnow
 from app.datasets.models import Sample
-from app.jobs import service as jobs
+from app.jobs import scheduled
 from app.references import service as references
 from app.references.models import ReferenceSet, ReferenceStatistic
 from tests.worker.conftest import FAST_POLICY, MODEL, ORIGINAL_RECIPE, Deployment, make_deployment
@@ -69,7 +69,7 @@ def test_reference_job_gates_requests_and_backs_certificates(
     assert "waiting for reference statistics" in body["targets"][0]["waiting_for"]
     ctx = deployment.worker
     with ctx.session() as db_session:
-        assert jobs.plan_batches(db_session) == []
+        assert scheduled.plan_batches(db_session) == []
 
     # A delivery dies after storing 3 of the 8 models; the sweeper requeues it, the next
     # delivery skips what was stored and adds no duplicate.
@@ -106,7 +106,7 @@ def test_reference_job_gates_requests_and_backs_certificates(
     body = client.get(f"{URL}/{ids[0]}", headers=deployment.requester).json()
     assert body["targets"][0]["waiting_for"] is None
     with ctx.session() as db_session:
-        created = [job.id for job in jobs.plan_batches(db_session)]
+        created = [job.id for job in scheduled.plan_batches(db_session)]
     assert len(created) == 1
     assert pipeline.run(ctx, created[0]) == "published"
     versions = client.get(f"/v1/models/{MODEL}/versions", headers=deployment.operator).json()

@@ -437,7 +437,7 @@ class Match(UnlearningMethod):
             optimizer = sgd([p for p in model.parameters() if p.requires_grad], config.lr,
                             config.momentum, config.weight_decay)
         # Class: a model that never learned the class treats the class's unseen images like
-        # its forgotten ones, so the matching half's own images of the class are pulled too;
+        # its forgotten ones, so unseen_match's own images of the class are pulled too;
         # pulling only the forget set left unseen images of the class more confident than
         # forgotten ones, which the attack read (0.60 against the retrain's 0.50).
         pulled = task.forget
