@@ -87,7 +87,8 @@ class BatchingPolicy(BaseModel):
 class VerificationPolicy(BaseModel):
     min_indiscernibility: float = Field(
         default=0.9, ge=0, le=1,
-        description="1 - |MIA accuracy - 0.5| / 0.5 on forget vs. holdout must reach this.")
+        description="1 - |MIA accuracy - 0.5| / 0.5 on forget vs. the audit slice (unseen "
+                    "samples the method never saw) must reach this.")
     max_test_accuracy_drop: float = Field(
         default=0.02, ge=0, le=1, description="Absolute drop against the base version.")
     max_forget_class_accuracy: float = Field(default=0.05, ge=0, le=1)
