@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, PayloadTooLarge, Unprocessable
 from app.datasets.models import Dataset, ManifestRow, Sample, ShardRead
+from app.datasets.service import check_relative_path
 from unlearning.atomic import atomic_write
 from unlearning.data.store import (
     SHARD_SUFFIX,
@@ -186,8 +187,6 @@ class ManifestChecker:
 
 
 def check_shard_path(path: str) -> None:
-    from app.datasets.service import check_relative_path
-
     try:
         check_relative_path(path, what="shard path")
     except ValueError as exc:

@@ -120,11 +120,6 @@ def probe_architecture(spec: dict[str, Any], allowed_factories: list[str] | None
     return ArchitectureProbe(parameters, shape, classes)
 
 
-def check_architecture(spec: dict[str, Any], allowed_factories: list[str]) -> None:
-    """Build the architecture once to prove the spec is valid; raise ValueError if not."""
-    probe_architecture(spec, allowed_factories)
-
-
 @lru_cache(maxsize=256)
 def _classes(spec_json: str, shape: tuple[int, int, int] | None,
              allowed: tuple[str, ...]) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -86,3 +87,19 @@ def seed_model(client: httpx.Client, operator: dict[str, str], *, dataset: str =
                       **(policy or {})}
     response = client.post("/v1/models", json=body, headers=operator)
     assert response.status_code == 201, response.text
+
+
+def serve_version(client: httpx.Client, operator: dict[str, str], model: str,
+                  architecture: dict[str, Any], weights_dir: Path) -> None:
+    """Upload freshly initialised weights of ``architecture`` as version 1 of ``model`` and
+    point `production` at it, as an operator would."""
+    from unlearning.architectures import build_model
+    from unlearning.weights import save_weights
+
+    weights = save_weights(build_model(architecture), weights_dir / f"{model}-v1.safetensors")
+    response = client.post(f"/v1/models/{model}/versions", content=weights.read_bytes(),
+                           headers={**operator, "Content-Type": "application/octet-stream"})
+    assert response.status_code == 201, response.text
+    response = client.put(f"/v1/models/{model}/aliases/production", json={"version": 1},
+                          headers=operator)
+    assert response.status_code == 200, response.text

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save
 
 from app.core.config import Settings
-from tests.api.seed import MLP, jsonl, shard_bytes, upload_shards
+from tests.api.seed import MLP, jsonl, serve_version, shard_bytes, upload_shards
 from tests.conftest import app_of
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -222,14 +222,7 @@ def test_predict_with_the_wrong_shape_is_422_for_an_architecture_that_pools_glob
     resnet = {"name": "resnet8", "kwargs": {"in_channels": 1, "num_classes": 10}}
     assert client.post("/v1/models", json={"name": "r", "architecture": resnet,
                                            "dataset": digits}, headers=operator).status_code == 201
-    from unlearning.architectures import build_model
-    from unlearning.weights import save_weights
-
-    weights = save_weights(build_model(resnet), tmp_path / "r.safetensors")
-    assert client.post("/v1/models/r/versions", content=weights.read_bytes(),
-                       headers={**operator, **OCTETS}).status_code == 201
-    assert client.put("/v1/models/r/aliases/production", json={"version": 1},
-                      headers=operator).status_code == 200
+    serve_version(client, operator, "r", resnet, tmp_path)
     ok = client.post("/v1/models/r/predict", json={"inputs": [[[[0.0] * 8] * 8]]},
                      headers=operator)
     assert ok.status_code == 200, ok.text
@@ -258,9 +251,6 @@ def test_a_custom_architecture_is_checked_against_the_dataset_and_predict_refuse
     from app.auth.models import Role
     from app.core.db import session_scope
     from app.main import create_app
-    from unlearning.architectures import build_model
-    from unlearning.weights import save_weights
-
     settings = Settings(data_dir=tmp_path / "data", database_url=database_url,
                         secret_key="test-secret", broker_url="memory://",
                         model_factory_modules="tests.api.custom_architecture")
@@ -283,11 +273,7 @@ def test_a_custom_architecture_is_checked_against_the_dataset_and_predict_refuse
         assert client.post("/v1/models", json={"name": "c", "architecture": spec,
                                                "dataset": "digits"},
                            headers=operator).status_code == 201
-        weights = save_weights(build_model(spec), tmp_path / "c.safetensors")
-        assert client.post("/v1/models/c/versions", content=weights.read_bytes(),
-                           headers={**operator, **OCTETS}).status_code == 201
-        assert client.put("/v1/models/c/aliases/production", json={"version": 1},
-                          headers=operator).status_code == 200
+        serve_version(client, operator, "c", spec, tmp_path)
         ok = client.post("/v1/models/c/predict", json={"inputs": [[[[0.5] * 8] * 8]]},
                          headers=operator)
         assert ok.status_code == 200, ok.text

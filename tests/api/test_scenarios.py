@@ -12,10 +12,8 @@ from fastapi.testclient import TestClient
 from app.core.db import session_scope
 from app.jobs import scheduled
 from app.requests.models import DeletionTarget
-from tests.api.seed import MLP, seed_model
-from unlearning.architectures import build_model
+from tests.api.seed import MLP, seed_model, serve_version
 from unlearning.scenarios import Scenario, Trigger
-from unlearning.weights import save_weights
 from worker.pipeline import scenario_for
 
 URL = "/v1/deletion-requests"
@@ -26,12 +24,7 @@ BOTTOM_RIGHT = Trigger(size=3, value=200, corner="bottom-right", margin=1)
 def serve(client: TestClient, operator: dict[str, str], tmp_path: Path) -> None:
     """Seed the digits model with a production version: only served models get jobs."""
     seed_model(client, operator, policy={"batching": {"max_wait_seconds": 0}})
-    weights = save_weights(build_model(MLP), tmp_path / "v1.safetensors")
-    assert client.post("/v1/models/digits-mlp/versions", content=weights.read_bytes(),
-                       headers={**operator, "Content-Type": "application/octet-stream"}
-                       ).status_code == 201
-    assert client.put("/v1/models/digits-mlp/aliases/production", json={"version": 1},
-                      headers=operator).status_code == 200
+    serve_version(client, operator, "digits-mlp", MLP, tmp_path)
 
 
 def send(client: TestClient, operator: dict[str, str], body: dict[str, Any]) -> str:
