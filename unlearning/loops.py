@@ -145,12 +145,20 @@ def sgd(parameters: Iterable[nn.Parameter] | Iterable[dict[str, Any]], lr: float
 
 
 def schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
-             milestones: tuple[float, ...] = (0.5, 0.75)) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step learning-rate multiplier: ``constant``, ``cosine`` (to 0), ``step`` (x0.1 at
-    each milestone fraction) or ``triangle`` (linear up for half the steps, then down to 0)."""
-    total = max(total_steps, 1)
+             milestones: tuple[float, ...] = (0.5, 0.75),
+             steps_per_epoch: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning-rate multiplier, stepped once per optimiser step: ``constant``, ``cosine`` (to
+    0), ``step`` (x0.1 at each milestone fraction) or ``triangle`` (linear up for half the
+    steps, then down to 0).
 
-    def factor(step: int) -> float:
+    With ``steps_per_epoch``, the multiplier changes only between epochs, as a scheduler
+    stepped once per epoch does: ``cosine`` is ``CosineAnnealingLR(T_max=epochs)`` (1, 0.75,
+    0.25 over 3 epochs) and ``triangle`` rises and falls by whole epochs without reaching 0
+    (1/3, 2/3, 1, 2/3, 1/3 over 5)."""
+    total = max(total_steps, 1)
+    epochs = -(-total // steps_per_epoch) if steps_per_epoch else 0
+
+    def per_step(step: int) -> float:
         progress = min(step / total, 1.0)
         if kind == "constant":
             return 1.0
@@ -162,6 +170,16 @@ def schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
             return min(2.0 * progress, 2.0 * (1.0 - progress)) if progress > 0 else 1.0 / total
         raise ValueError(f"unknown schedule {kind!r}")
 
+    def per_epoch(step: int) -> float:
+        assert steps_per_epoch
+        epoch = min(step // steps_per_epoch, epochs - 1)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+        if kind == "triangle":
+            return min(epoch + 1, epochs - epoch) / ((epochs + 1) // 2)
+        return per_step(epoch * steps_per_epoch)
+
+    factor = per_epoch if steps_per_epoch else per_step
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

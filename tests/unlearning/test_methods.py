@@ -16,6 +16,7 @@ from tests.unlearning.conftest import CPU, World
 from unlearning.loops import evaluate
 from unlearning.methods import METHODS, Cancelled, get_method
 from unlearning.methods.base import MethodConfig
+from unlearning.methods.ct import ConvTransposeConfig
 from unlearning.methods.ft import FineTuneConfig
 from unlearning.methods.match import MatchConfig
 from unlearning.methods.msg import MaskedSmallGradientsConfig
@@ -149,3 +150,34 @@ def test_a_method_clock_does_not_bill_torch_lazy_imports(
                              config=quick_config("ga"))
     assert events[:2] == ["warm-up", "clock"]
 
+
+
+@pytest.mark.parametrize(("name", "epochs", "multipliers"), [
+    ("ct", 3, [1.0, 0.75, 0.25]),  # CosineAnnealingLR(T_max=3) stepped per epoch
+    ("msg", 5, [1 / 3, 2 / 3, 1.0, 2 / 3, 1 / 3]),
+])
+def test_ct_and_msg_change_their_learning_rate_per_epoch_as_deep_unlearn_does(
+        name: str, epochs: int, multipliers: list[float], subset_world: World,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deep Unlearn steps these schedules once per epoch (kgltop5.py, kgltop2.py): every step
+    of an epoch uses the epoch's multiplier, none reaches 0."""
+    seen: list[float] = []
+    step = torch.optim.SGD.step
+
+    def recording(self: torch.optim.SGD, *args: object, **kwargs: object) -> object:
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    data = subset_world.data
+    retain = data.retain.subset(torch.arange(256))
+    config = METHODS[name].Config()
+    assert isinstance(config, ConvTransposeConfig | MaskedSmallGradientsConfig)
+    result = get_method(name).unlearn(subset_world.original, retain=retain, forget=data.forget,
+                                      unseen=data.unseen, config=config, device=CPU, seed=0)
+    per_epoch = len(seen) // epochs
+    assert result.steps == len(seen) == per_epoch * epochs
+    lr = config.lr
+    for epoch, multiplier in enumerate(multipliers):
+        rates = seen[epoch * per_epoch:(epoch + 1) * per_epoch]
+        assert rates == pytest.approx([lr * multiplier] * per_epoch), (epoch, rates[:3])

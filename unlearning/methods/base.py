@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,11 +56,33 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class MethodReferences:
+    """The method's half of a model's reference statistics (docs/methods.md, "Reference
+    models"): OUT values of the per-sample statistic phi (the logit-scaled true-class
+    confidence) under reference models that never trained on the sample. ``forget``
+    ``[m, n_forget]`` is aligned with the forget set, ``unseen`` ``[m, n_unseen]`` with the
+    unseen slice; NaN where a reference trained on the sample (or left it to its pair's other
+    model). The gate's half never reaches a method."""
+
+    forget: np.ndarray
+    unseen: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.forget.ndim != 2 or self.unseen.ndim != 2 \
+                or self.forget.shape[0] != self.unseen.shape[0]:
+            raise ValueError("reference statistics must be [m, n] with the same m for the "
+                             "forget set and the unseen slice")
+
+
+@dataclass(frozen=True)
 class UnlearningTask:
     """The data a method sees (docs/methods.md, "Data slices"). ``unseen``: the method's half
     of the holdout, data the model never trained on; the other half, ``audit``, is the
     verifier's and never reaches a method. ``validation``: optional extra holdout a method may
-    use for its own checks; ``original_recipe``: how the model was trained (retrain needs it)."""
+    use for its own checks; ``original_recipe``: how the model was trained (retrain needs it);
+    ``references``: the method's half of the reference statistics, when the model has them;
+    ``min_steps``: steps a method that stops early must take even when it finds nothing to
+    do (the policy's ``min_steps``; 0 lets it return the model unchanged)."""
 
     retain: SampleSet
     forget: SampleSet
@@ -67,6 +90,17 @@ class UnlearningTask:
     scenario: Scenario
     validation: SampleSet | None = None
     original_recipe: Recipe | None = None
+    references: MethodReferences | None = None
+    min_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.references is not None and (
+                self.references.forget.shape[1] != len(self.forget)
+                or self.references.unseen.shape[1] != len(self.unseen)):
+            raise ValueError(
+                f"reference statistics cover {self.references.forget.shape[1]} forget and "
+                f"{self.references.unseen.shape[1]} unseen samples; the task has "
+                f"{len(self.forget)} and {len(self.unseen)}")
 
 
 @dataclass
@@ -91,6 +125,7 @@ class UnlearningMethod(ABC):
     def unlearn(self, model: nn.Module, *, retain: SampleSet, forget: SampleSet,
                 unseen: SampleSet, validation: SampleSet | None = None,
                 original_recipe: Recipe | None = None, scenario: Scenario | None = None,
+                references: MethodReferences | None = None, min_steps: int = 0,
                 config: MethodConfig | None = None, device: str | torch.device = "auto",
                 seed: int = 0, progress: ProgressCallback | None = None,
                 cancel: Cancel = None) -> UnlearnResult:
@@ -109,7 +144,7 @@ class UnlearningMethod(ABC):
             retain=retain.to(torch_device), forget=forget.to(torch_device),
             unseen=unseen.to(torch_device), scenario=scenario or Scenario(),
             validation=validation.to(torch_device) if validation is not None else None,
-            original_recipe=original_recipe)
+            original_recipe=original_recipe, references=references, min_steps=min_steps)
         if len(task.forget) == 0:
             raise ValueError("the forget set is empty")
         working = copy.deepcopy(model).to(torch_device)
@@ -166,14 +201,16 @@ def paired_with_cycled(primary: SampleSet, secondary: SampleSet, batch_size: int
 def fine_tune(model: nn.Module, samples: SampleSet, *, epochs: int, lr: float,
               weight_decay: float, batch_size: int, lr_schedule: str, ctx: RunContext,
               device: torch.device, generator: torch.Generator, phase: str,
-              momentum: float = 0.9,
+              momentum: float = 0.9, per_epoch_schedule: bool = False,
               parameter_groups: list[dict[str, Any]] | None = None,
               before_step: Callable[[], None] | None = None) -> int:
     """Cross-entropy fine-tuning with SGD, shared by FT, CT, MSG and retrain-like passes;
-    returns the number of optimiser steps."""
+    returns the number of optimiser steps. ``per_epoch_schedule``: the learning rate changes
+    between epochs only (see :func:`unlearning.loops.schedule`)."""
     optimizer = sgd(parameter_groups or model.parameters(), lr, momentum, weight_decay)
     total = epochs * steps_per_pass(samples, batch_size)
-    scheduler = schedule(optimizer, lr_schedule, total)
+    scheduler = schedule(optimizer, lr_schedule, total, steps_per_epoch=steps_per_pass(
+        samples, batch_size) if per_epoch_schedule else None)
 
     def loss_fn(batch: Batch) -> torch.Tensor:
         x, y = batch

@@ -1,6 +1,12 @@
 """CT, convolution transpose (Deep Unlearn): transposing every kernel spatially scrambles what
 the filters memorised while keeping their statistics, and a short fine-tune on R recovers the
-function that R supports."""
+function that R supports.
+
+As Deep Unlearn runs it (``munl/unlearning/kgltop5.py``): SGD with momentum 0.9, lr 1e-3,
+weight decay 5e-4, 3 epochs, and ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch, so
+the learning rate is 1, 0.75 and 0.25 times lr in the three epochs (until 2026-12 Lethe stepped
+it every batch down to 0, which cost about 0.03 RetDev on cnn-small). Kept different: only
+square kernels are transposed (a non-square kernel's transpose has another shape)."""
 
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ class ConvTranspose(UnlearningMethod):
                     transposed += 1
         steps = fine_tune(model, task.retain, epochs=config.epochs, lr=config.lr,
                           weight_decay=config.weight_decay, batch_size=config.batch_size,
-                          lr_schedule="cosine", ctx=ctx, device=device, generator=generator,
+                          lr_schedule="cosine", per_epoch_schedule=True, ctx=ctx, device=device,
+                          generator=generator,
                           phase="fine-tune")
         return RunOutcome(steps, {"transposed_layers": transposed})

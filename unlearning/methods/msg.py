@@ -1,6 +1,10 @@
 """MSG, masked small gradients (Deep Unlearn): weights whose gradient barely distinguishes
 "keep R" from "forget F" carry little of either, so 30 % of each conv layer's smallest-gradient
-weights are re-initialised and fine-tuned at full rate while the rest move ten times slower."""
+weights are re-initialised and fine-tuned at full rate while the rest move ten times slower.
+
+As Deep Unlearn runs it (``munl/unlearning/kgltop2.py``): 5 epochs whose learning-rate
+multipliers rise and fall by epoch, 1/3, 2/3, 1, 2/3, 1/3 (until 2026-12 Lethe ran a per-batch
+triangle from 0 to 1 and back to 0)."""
 
 from __future__ import annotations
 
@@ -81,6 +85,7 @@ class MaskedSmallGradients(UnlearningMethod):
 
         steps = fine_tune(model, task.retain, epochs=config.epochs, lr=config.lr,
                           weight_decay=config.weight_decay, batch_size=config.batch_size,
-                          lr_schedule="triangle", ctx=ctx, device=device, generator=generator,
+                          lr_schedule="triangle", per_epoch_schedule=True, ctx=ctx, device=device,
+                          generator=generator,
                           phase="fine-tune", before_step=scale_gradients)
         return RunOutcome(steps, {"reinitialised_weights": reinitialised})
