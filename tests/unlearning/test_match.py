@@ -180,9 +180,9 @@ def test_the_head_stands_in_for_the_model_only_when_nothing_runs_after_it(
 
 def test_match_runs_the_whole_model_each_step_when_head_inputs_would_not_fit(
         subset_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    import unlearning.methods.match as match_module
+    import unlearning.methods.match.run as match_run
 
-    monkeypatch.setattr(match_module, "HEAD_INPUT_CACHE_BYTES", 0)
+    monkeypatch.setattr(match_run, "HEAD_INPUT_CACHE_BYTES", 0)
     data = subset_world.data
     result = _match(subset_world)
     assert result.details["trainable"] == "head" and not result.details["cached_head_inputs"]
