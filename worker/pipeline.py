@@ -31,6 +31,7 @@ from app.requests.models import DeletionRequest
 from unlearning.architectures import build_model
 from unlearning.loops import SampleSet
 from unlearning.methods import METHODS, MethodConfig, get_method
+from unlearning.methods.base import MethodReferences
 from unlearning.runtime import resolve_device
 from unlearning.scenarios import Scenario
 from unlearning.training import Recipe
@@ -69,6 +70,7 @@ class JobData:
     forgotten: dict[int, str]  # every covered sample (any split) -> its request
     forget_ids: list[int]  # sample ids of `forget`, in order
     audit_ids: list[int]  # sample ids of `audit`, in order
+    unseen_ids: list[int]  # sample ids of `unseen`, in order
     # requests that need a sample the store cannot serve -> why; they fail, the rest go on
     failed_requests: dict[str, str] = field(default_factory=dict)
     unreadable: int = 0  # retain, holdout and test samples left out as unreadable
@@ -146,6 +148,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
         architecture, base_sha = model.architecture, base.sha256
         level, scenario_key = job.escalation_level, scenario_for(job).label()
         gate_references = load_gate_references(db_session, model, data)
+        method_references = load_method_references(db_session, model, data)
     if len(data.forget) == 0:
         nothing = VerificationReport(scenario=data.scenario.to_dict(), n_forget=0, passed=True,
                                      per_sample_note="no training sample of the model is "
@@ -165,6 +168,8 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
         result = get_method(method_name).unlearn(
             base_model, retain=data.retain, forget=data.forget, unseen=data.unseen,
             original_recipe=Recipe(**policy.training_recipe), scenario=data.scenario,
+            references=method_references,
+            min_steps=0 if policy.publish_unchanged else policy.min_steps,
             config=config, device=device, seed=seed, progress=progress,
             cancel=CancelCheck(ctx, job_id))
         with ctx.session() as db_session:
@@ -180,6 +185,14 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
                                     tensor_sha256=tensor_sha256(result.model),
                                     details=_jsonable(result.details)),
                       thresholds=thresholds_for(policy))
+        if report.passed and policy.publish_unchanged and report.run is not None \
+                and not report.run.weights_changed:
+            # the policy lets an already-indistinguishable batch keep the served version
+            with ctx.session() as db_session:
+                flows.complete_unchanged(db_session, job_id=job_id, attempt=attempt,
+                                         signer=ctx.signer, forgotten=data.forgotten,
+                                         report=report.to_dict())
+            return JobOutcome.unchanged
         staged = _stage(ctx, result.model, {"lethe.job": job_id, "lethe.parent": base_sha,
                                             "lethe.scenario": scenario_key})
         stored = report.to_dict()
@@ -245,6 +258,19 @@ def load_gate_references(db_session: Session, model: Model, data: JobData
         holdout_ids=data.audit_ids)
     return GateReferences(forget_out, holdout_out, data.forget_requests,
                           reference_set=reference_set.id)
+
+
+def load_method_references(db_session: Session, model: Model, data: JobData
+                           ) -> MethodReferences | None:
+    """The method half of the model's ready reference set for the job's forget and unseen
+    samples (what a method such as `match` may read), or None when it has none."""
+    reference_set = references.ready_set(db_session, model_id=model.id)
+    if reference_set is None or not data.forget_ids:
+        return None
+    forget_out, unseen_out = references.method_statistics(
+        db_session, reference_set=reference_set, forget_ids=data.forget_ids,
+        unseen_ids=data.unseen_ids)
+    return MethodReferences(forget=forget_out, unseen=unseen_out)
 
 
 def method_for(policy: Policy, level: int) -> tuple[str, MethodConfig]:
@@ -321,6 +347,7 @@ def load_job_data(db_session: Session, ctx: WorkerContext, job: UnlearningJob,
         test=held("test")[0], scenario=scenario_for(job),
         forgotten=forgotten, forget_ids=[s.id for s in forget_rows],
         audit_ids=[holdout_rows[i].id for i in order[half:].tolist()],
+        unseen_ids=[holdout_rows[i].id for i in order[:half].tolist()],
         failed_requests=failed_requests, unreadable=unreadable)
 
 

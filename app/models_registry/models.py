@@ -133,6 +133,19 @@ class Policy(BaseModel):
         default_factory=dict,
         description="Overrides of the method's defaults: fields of its config, each set to a "
                     "value of the field's type (an unknown field or a wrong type: 422).")
+    min_steps: int = Field(
+        default=10, ge=1, le=100_000,
+        description="Optimiser steps a method that stops early (`match`) takes at least, even "
+                    "when the batch's samples already look unseen before any step, so every "
+                    "published version has had the method applied. Unused with "
+                    "`publish_unchanged`.")
+    publish_unchanged: bool = Field(
+        default=False,
+        description="Let a method that finds the batch already indistinguishable return the "
+                    "weights unchanged: the job then completes on the served version (no new "
+                    "version), its report saying the weights are unchanged. Off by default: a "
+                    "population attack has little power on a handful of samples, so 'already "
+                    "indistinguishable' is weak evidence on its own.")
     due_days: int = Field(default=30, ge=1, le=90,
                           description="Days from receipt to the legal deadline.")
     require_approval: bool = False

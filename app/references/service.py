@@ -17,7 +17,7 @@ from app.audit import service as audit
 from app.core.db import utcnow
 from app.core.errors import Unprocessable
 from app.models_registry import service as registry
-from app.models_registry.engine_bridge import check_reference_count
+from app.models_registry.engine_bridge import check_reference_count, reference_rows
 from app.models_registry.models import Model, ModelVersion, Policy
 from app.references.models import (
     ACTIVE_REFERENCE_STATUSES,
@@ -139,23 +139,40 @@ def to_read(db_session: Session, sets: Sequence[ReferenceSet]) -> list[Reference
 def gate_statistics(db_session: Session, *, reference_set: ReferenceSet,
                     forget_ids: Sequence[int], holdout_ids: Sequence[int]
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """The gate half's OUT values, ``[k/2, n]`` for the forget and the holdout samples in the
+    """The gate half's OUT values, ``[k/2, n]`` for the forget and the audit samples in the
     order given, NaN where a reference model trained on the sample or none was stored. The
     method half is never read here."""
-    half = reference_set.n_references // 2
+    return _half_statistics(db_session, reference_set, "gate", forget_ids, holdout_ids)
+
+
+def method_statistics(db_session: Session, *, reference_set: ReferenceSet,
+                      forget_ids: Sequence[int], unseen_ids: Sequence[int]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The method half's OUT values for the forget and the unseen samples, as
+    :func:`gate_statistics` gives the gate's: what an unlearning method may read. The gate
+    half is never read here."""
+    return _half_statistics(db_session, reference_set, "method", forget_ids, unseen_ids)
+
+
+def _half_statistics(db_session: Session, reference_set: ReferenceSet, half: str,
+                     forget_ids: Sequence[int], holdout_ids: Sequence[int]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    rows = reference_rows(reference_set.n_references, half)
+    first, rows_of_half = rows.start, len(rows)
 
     def matrix(ids: Sequence[int]) -> np.ndarray:
-        values = np.full((half, len(ids)), np.nan)
+        values = np.full((rows_of_half, len(ids)), np.nan)
         position = {sample_id: i for i, sample_id in enumerate(ids)}
         for chunk in range(0, len(ids), 5000):
             rows = db_session.execute(
                 select(ReferenceStatistic.sample_id, ReferenceStatistic.reference_index,
                        ReferenceStatistic.phi)
                 .where(ReferenceStatistic.set_id == reference_set.id,
-                       ReferenceStatistic.reference_index < half,
+                       ReferenceStatistic.reference_index >= first,
+                       ReferenceStatistic.reference_index < first + rows_of_half,
                        ReferenceStatistic.sample_id.in_(ids[chunk:chunk + 5000])))
             for sample_id, index, phi in rows:
-                values[index, position[sample_id]] = phi
+                values[index - first, position[sample_id]] = phi
         return values
 
     return matrix(forget_ids), matrix(holdout_ids)

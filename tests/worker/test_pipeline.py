@@ -283,3 +283,40 @@ def test_a_sample_lost_from_the_store_fails_only_the_request_that_needs_it(
     # the failed subject's training samples were not unlearned (they went back to retain)
     assert report["summary"]["n_forget"] == deployment.samples_of(subjects[1:BATCH],
                                                                   split="train")
+
+
+# A stopping rule that says "blind" before any step: the batch already looks unseen.
+ALREADY_BLIND = {"max_steps": 200, "tolerance": 0.5, "ks_stop_p_value": 0.0}
+
+
+@pytest.mark.parametrize("publish_unchanged", [False, True])
+def test_an_already_indistinguishable_batch_is_unlearned_unless_the_policy_lets_it_stand(
+        publish_unchanged: bool, sqlite_url: str, tmp_path: Path, world: World) -> None:
+    """By default (``publish_unchanged`` off) the method is applied at least ``min_steps``
+    steps even when the subject's handful of samples already looks unseen, so no version is
+    published with the weights it replaced; with it on, the job completes on the served
+    version and the report says the weights are unchanged."""
+    policy = {**FAST_POLICY, "method_config": ALREADY_BLIND, "min_steps": 15,
+              "publish_unchanged": publish_unchanged}
+    for deployment in make_deployment(sqlite_url, tmp_path / "data", world, policy):
+        client = deployment.client
+        (request_id,) = submit_subjects(deployment, deployment.subjects(1))
+        assert run_batches(deployment) == ["unchanged" if publish_unchanged else "published"]
+        body = client.get(f"{URL}/{request_id}", headers=deployment.requester).json()
+        assert body["status"] == "completed" and body["outcome"] == "forgotten"
+        versions = client.get(f"/v1/models/{MODEL}/versions", headers=deployment.operator
+                              ).json()
+        job = client.get("/v1/jobs", headers=deployment.operator).json()["items"][0]
+        report = client.get(f"/v1/jobs/{job['id']}", headers=deployment.operator
+                            ).json()["report"]
+        run = report["run"]
+        if publish_unchanged:
+            assert [v["status"] for v in versions] == ["published"]
+            assert body["targets"][0]["version"] == 1
+            assert run["steps"] == 0 and run["details"]["stopped"] == "already-blind"
+            assert report["outcome"] == "unchanged" and not run["weights_changed"]
+        else:
+            assert [v["status"] for v in versions] == ["superseded", "published"]
+            assert body["targets"][0]["version"] == 2
+            assert run["steps"] >= 15 and run["details"]["stopped"] == "blind"
+            assert report["outcome"] == "unlearned" and run["weights_changed"]

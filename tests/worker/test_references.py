@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select, update
@@ -108,17 +109,41 @@ def test_reference_job_gates_requests_and_backs_certificates(
     with ctx.session() as db_session:
         created = [job.id for job in scheduled.plan_batches(db_session)]
     assert len(created) == 1
+    handed: list[Any] = []
+    real_load = pipeline.load_method_references
+
+    def recorded_load(db_session: Any, model: Any, data: Any) -> Any:
+        stored = {(sample_id, index): phi for sample_id, index, phi in db_session.execute(
+            select(ReferenceStatistic.sample_id, ReferenceStatistic.reference_index,
+                   ReferenceStatistic.phi))}  # before the job erases the forgotten ones'
+        handed.append((real_load(db_session, model, data), data.forget_ids, data.unseen_ids,
+                       stored))
+        return handed[-1][0]
+
+    monkeypatch.setattr(pipeline, "load_method_references", recorded_load)
     assert pipeline.run(ctx, created[0]) == "published"
+    # The method was handed the method half (references 4 to 7) for its forget and unseen
+    # samples, never the gate's.
+    [(method_half, forget_ids, unseen_ids, stored)] = handed
+    for values, sample_ids in ((method_half.forget, forget_ids),
+                               (method_half.unseen, unseen_ids)):
+        assert values.shape == (4, len(sample_ids)) and len(sample_ids) > 0
+        for row in range(4):
+            for column, sample_id in enumerate(sample_ids):
+                expected = stored.get((sample_id, 4 + row))
+                assert (expected is None and values[row, column] != values[row, column]) or \
+                    values[row, column] == expected
+        assert (~np.isnan(values)).sum(axis=0).min() == 2  # two OUT values per sample
     versions = client.get(f"/v1/models/{MODEL}/versions", headers=deployment.operator).json()
     report = versions[-1]["verification_report"]
     assert report["evidence"] == "per-sample"
-    # match may find the subjects already unseen-like and stop at 0 steps (the world decides):
-    # either way the outcome must follow the tensors, never call unchanged weights unlearned
+    # the outcome follows the tensors, never calls unchanged weights unlearned
     run = report["run"]
     changed = run["parent_tensor_sha256"] != run["tensor_sha256"]
     assert run["weights_changed"] is changed
     assert report["outcome"] == ("unlearned" if changed else "unchanged")
-    assert changed or run["steps"] == 0
+    # the policy's min_steps (10) apply even when the subjects already look unseen
+    assert changed and run["steps"] >= 10
     rows = report["per_sample"]["requests"]
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
     assert all(r["n_testable"] == r["n"] > 0 for r in rows)
