@@ -39,7 +39,6 @@ from unlearning.methods.match.head import (
 from unlearning.methods.match.statistics import (
     PerSampleTargets,
     anchor_penalty,
-    gap_penalty,
     label_statistic,
     quantile_targets,
     wasserstein_to_targets,
@@ -92,8 +91,7 @@ def _slices(model: nn.Module, task: UnlearningTask, config: MatchConfig, cache: 
         targets = PerSampleTargets.fit(
             task.references, original_phi_match=label_statistic(
                 original_logits, unseen_match.y, "confidence").cpu().numpy(),
-            match_positions=positions[:cut], stop_positions=positions[cut:],
-            generator=generator)
+            match_positions=positions[:cut], stop_positions=positions[cut:])
     # Class: a model that never learned the class treats the class's unseen images like its
     # forgotten ones, so unseen_match's own images of the class are pulled too (pulling only
     # the forget set left unseen images of the class more confident than forgotten ones,
@@ -110,9 +108,9 @@ def _slices(model: nn.Module, task: UnlearningTask, config: MatchConfig, cache: 
 
 
 def _per_sample(config: MatchConfig, task: UnlearningTask) -> bool:
-    if config.per_sample not in ("auto", "off"):
+    if config.per_sample not in ("on", "off"):
         raise ValueError(f"unknown per_sample {config.per_sample!r}")
-    return config.per_sample == "auto" and task.scenario.forgotten_label is None
+    return config.per_sample == "on" and task.scenario.forgotten_label is None
 
 
 def _optimizer(model: nn.Module, config: MatchConfig) -> torch.optim.Optimizer:
@@ -226,9 +224,11 @@ class Match(UnlearningMethod):
                         model, [x_f, x_r, x_u], device)
                 # the matching pull
                 if per_sample is not None:
-                    loss = config.match_weight * gap_penalty(
-                        statistic_of(forget_logits, y_f)
-                        - per_sample.targets.to(device)[forget_index], config.distance)
+                    null = None if config.target == "original" else per_sample.scores(
+                        statistic_of(unseen_logits.detach(), y_u),
+                        per_sample.match_expected.to(device)[unseen_index])
+                    loss = config.match_weight * per_sample.pull(
+                        statistic_of(forget_logits, y_f), forget_index, config.distance, null)
                 else:
                     if config.target == "original":
                         targets = quantile_targets(unseen_statistic, len(y_f))

@@ -88,44 +88,55 @@ def out_means(values: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PerSampleTargets:
-    """Each forget sample's own never-seen value of phi, the logit-scaled confidence.
+    """Each sample's expected never-seen value of phi, the logit-scaled confidence, and the
+    distribution of unseen data's scores around it.
 
     The reference models train on half the data, so their OUT values are not what a model
     trained on everything but the sample gives: ``expected = a + b * mean OUT`` is the linear
     prediction, fitted on ``unseen_match`` where the original is itself such a model, and
-    ``spread`` the residuals' standard deviation. A model that never saw a sample lands
-    around its expected value, not on it: each forget sample's ``target`` adds one of the
-    fitted residuals, the residuals' quantiles dealt out in a random order, so across runs a
-    sample's unlearned value varies as much as a retrain's would, and over the forget set the
-    scores ``(phi - expected) / spread`` have the distribution unseen data's have."""
+    ``spread`` the residuals' standard deviation. A sample's score ``(phi - expected) /
+    spread`` says how much more confident the model is than it would be had it never seen the
+    sample; ``null`` holds unseen_match's scores under the original, what a never-seen
+    sample's scores look like. The pull moves a forget batch's scores onto the null's
+    quantiles by rank (1-D optimal transport in score space): a memorised sample is pulled
+    down by how far it stands above its own expected value, however confident an easy
+    sample's unseen value may be."""
 
     forget_expected: torch.Tensor  # [n_forget]
+    match_expected: torch.Tensor  # [n_unseen_match]
     stop_expected: torch.Tensor  # [n_unseen_stop]
-    targets: torch.Tensor  # [n_forget]
+    null: torch.Tensor  # [n_unseen_match] scores under the original
     spread: float
     slope: float
     intercept: float
 
     @classmethod
     def fit(cls, references: MethodReferences, *, original_phi_match: np.ndarray,
-            match_positions: np.ndarray, stop_positions: np.ndarray,
-            generator: torch.Generator) -> PerSampleTargets:
+            match_positions: np.ndarray, stop_positions: np.ndarray) -> PerSampleTargets:
         unseen_mean = out_means(references.unseen)
         x, y = unseen_mean[match_positions], original_phi_match.astype(np.float64)
         slope, intercept = np.polyfit(x, y, 1) if len(x) >= 3 and np.ptp(x) > 0 \
             else (1.0, float(np.mean(y - x)) if len(x) else 0.0)
         residuals = y - (intercept + slope * x)
         spread = max(float(np.std(residuals)), 1e-3)
-        forget_expected = intercept + slope * out_means(references.forget)
-        n = len(forget_expected)
-        dealt = quantile_targets(torch.from_numpy(residuals).float(), n)[
-            torch.randperm(n, generator=generator)].numpy()
-        return cls(forget_expected=torch.from_numpy(forget_expected).float(),
+        return cls(forget_expected=torch.from_numpy(
+                       intercept + slope * out_means(references.forget)).float(),
+                   match_expected=torch.from_numpy(intercept + slope * x).float(),
                    stop_expected=torch.from_numpy(
                        intercept + slope * unseen_mean[stop_positions]).float(),
-                   targets=torch.from_numpy(forget_expected + dealt).float(),
+                   null=torch.from_numpy(residuals / spread).float(),
                    spread=spread, slope=float(slope), intercept=float(intercept))
 
     def scores(self, phi: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
         """How far above its expected never-seen value each sample is, in spreads."""
-        return (phi.float().cpu() - expected) / self.spread
+        return (phi.float() - expected.to(phi.device)) / self.spread
+
+    def pull(self, phi: torch.Tensor, positions: torch.Tensor, distance: str,
+             null: torch.Tensor | None = None) -> torch.Tensor:
+        """The matching loss of a forget batch (``positions`` in the forget set), in logit
+        units: its scores, sorted, against the quantiles of ``null`` (default: unseen_match's
+        scores under the original) at the same ranks."""
+        scores = self.scores(phi, self.forget_expected.to(phi.device)[positions])
+        targets = quantile_targets((self.null if null is None else null).to(phi.device),
+                                   len(scores))
+        return self.spread * wasserstein_to_targets(scores, targets, distance)

@@ -7,9 +7,11 @@ question a check asks depends on the task:
   unseen counterpart (holdout images of the class; triggered holdout images) get the label.
 * ``per-sample`` (a subset with reference statistics): each forget sample scored against its
   own expected never-seen value, ``(phi - expected) / spread``, and unseen_stop's samples
-  scored the same way; blind when a two-sample KS test cannot tell the two sets of scores
-  apart (p at least ``ks_stop_p_value``). The method's half of the references only: the
-  gate's half is never read here.
+  scored the same way; blind when the forget set's mean score is within
+  ``per_sample_tolerance`` of unseen_stop's and its share above unseen_stop's 95th percentile
+  (the memorised tail) within ``per_sample_tail_tolerance`` of 5 %. (A KS test of the two
+  sets of scores was too strict: on the tests' world a retrain itself read p = 0.06.) The
+  method's half of the references only: the gate's half is never read here.
 * ``population`` (a subset of ``min_population`` samples and more, without references): the
   verifier's population attack, blind within ``tolerance`` of 0.5.
 * ``ks`` (a smaller subset without references): the verifier's KS test on the losses.
@@ -95,12 +97,16 @@ class StoppingRule:
                 targets.forget_expected[self.forget_check_positions.cpu()])
             stop_scores = targets.scores(label_statistic(stop_logits, stop_y, "confidence"),
                                          targets.stop_expected)
-            ks = ks_forget_test(forget_scores.numpy(), stop_scores.numpy())
-            return {"ks_p_value": ks.p_value, "gap": ks.statistic,
-                    "mean_score": float(forget_scores.mean()),
-                    "null_mean_score": float(stop_scores.mean()),
-                    "blind": float(ks.p_value >= config.ks_stop_p_value),
-                    "holdout_accuracy": accuracy}
+            # blind: the forget set's mean score within ``per_sample_tolerance`` of
+            # unseen_stop's, and no more of it above unseen_stop's 95th percentile than
+            # ``0.05 + per_sample_tail_tolerance``
+            mean_gap = float(forget_scores.mean() - stop_scores.mean())
+            tail = float((forget_scores > torch.quantile(stop_scores, 0.95)).float().mean())
+            gap = max(abs(mean_gap), tail - 0.05)
+            blind = abs(mean_gap) <= config.per_sample_tolerance \
+                and tail <= 0.05 + config.per_sample_tail_tolerance
+            return {"mean_score_gap": mean_gap, "tail_share": tail, "gap": gap,
+                    "blind": float(blind), "holdout_accuracy": accuracy}
         if kind == "population":
             attack = population_mia(
                 attack_features(forget_logits, forget_y, config.attack_features),
