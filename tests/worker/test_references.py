@@ -113,24 +113,24 @@ def test_reference_job_gates_requests_and_backs_certificates(
     real_load = pipeline.load_method_references
 
     def recorded_load(db_session: Any, model: Any, data: Any) -> Any:
-        stored = {(sample_id, index): phi for sample_id, index, phi in db_session.execute(
+        phi_before = {(sample_id, index): phi for sample_id, index, phi in db_session.execute(
             select(ReferenceStatistic.sample_id, ReferenceStatistic.reference_index,
                    ReferenceStatistic.phi))}  # before the job erases the forgotten ones'
         handed.append((real_load(db_session, model, data), data.forget_ids, data.unseen_ids,
-                       stored))
+                       phi_before))
         return handed[-1][0]
 
     monkeypatch.setattr(pipeline, "load_method_references", recorded_load)
     assert pipeline.run(ctx, created[0]) == "published"
     # The method was handed the method half (references 4 to 7) for its forget and unseen
     # samples, never the gate's.
-    [(method_half, forget_ids, unseen_ids, stored)] = handed
+    [(method_half, forget_ids, unseen_ids, phi_before)] = handed
     for values, sample_ids in ((method_half.forget, forget_ids),
                                (method_half.unseen, unseen_ids)):
         assert values.shape == (4, len(sample_ids)) and len(sample_ids) > 0
         for row in range(4):
             for column, sample_id in enumerate(sample_ids):
-                expected = stored.get((sample_id, 4 + row))
+                expected = phi_before.get((sample_id, 4 + row))
                 assert (expected is None and values[row, column] != values[row, column]) or \
                     values[row, column] == expected
         assert (~np.isnan(values)).sum(axis=0).min() == 2  # two OUT values per sample
