@@ -49,8 +49,9 @@ def pooled_spread(out: np.ndarray) -> float:
 def score(phi: np.ndarray, out: np.ndarray, *, spread: str = "pooled",
           pooled: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample scores and a testable mask: NaN (not testable) where fewer than
-    :data:`MIN_OUT` OUT values exist. ``per-sample`` divides by each sample's own spread,
-    floored at the pooled one's 10th percentile of per-sample spreads."""
+    :data:`MIN_OUT` OUT values exist. ``pooled`` divides by the spread pooled over samples
+    (``pooled``, or :func:`pooled_spread` of ``out``); ``per-sample`` by each sample's own
+    spread, floored at the 10th percentile of the testable samples' own spreads."""
     counts = np.sum(~np.isnan(out), axis=0)
     testable = counts >= MIN_OUT
     result = np.full(len(phi), np.nan)
