@@ -299,7 +299,8 @@ def measure(model: nn.Module, forget: SampleSet, retain_eval: SampleSet,
 
 
 def run_pair(k: int, world: World, recipe: Recipe, methods: list[str],
-             references: MethodReferences | None
+             references: MethodReferences | None,
+             configs: dict[str, dict[str, Any]] | None = None
              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     started = time.perf_counter()
     retain, retain_eval = retain_set(world, k)
@@ -318,6 +319,7 @@ def run_pair(k: int, world: World, recipe: Recipe, methods: list[str],
         result = get_method(name).unlearn(
             original, retain=retain, forget=world.forget, unseen=world.unseen,
             original_recipe=recipe, scenario=Scenario("subset"), references=references,
+            config=METHODS[name].Config(**(configs or {}).get(name, {})),
             device="cpu", seed=k)
         phi[name], models[name] = measure(result.model, world.forget, retain_eval, world.test)
         stopped = result.details.get("stopped")
@@ -429,6 +431,8 @@ def markdown(result: dict[str, Any]) -> str:
         + (f"{refs['k']} trained once on random halves of pool + F ({refs['seconds']:.0f} s), "
            "the method half handed to every method."
            if refs["k"] else "none.")
+        + "".join(f" {name} with {json.dumps(values)}."
+                  for name, values in setup.get("configs", {}).items())
         + f" {setup['seconds']:.0f} s in all.", "",
         "Every row is measured against the retrains A_k. Per-sample LR accuracy: 0.5 cannot "
         "tell the row from retraining; share > 0.7: forget samples whose own held-out LR "
@@ -511,6 +515,9 @@ def parse_args() -> argparse.Namespace:
                         help=f"default: {' '.join(DEFAULT_METHODS)}")
     parser.add_argument("--references", type=int, default=16,
                         help="reference models (a multiple of 4 from 8 to 16); 0: none")
+    parser.add_argument("--config", action="append", default=[], metavar="METHOD=JSON",
+                        help="non-default settings of a method, e.g. "
+                             "'match={\"per_sample\": \"on\"}' (repeatable)")
     parser.add_argument("--tag", default="fashion-mnist-cnn-small")
     parser.add_argument("--resume", action="store_true",
                         help="continue from deep-audit-<tag>.npz in --out-dir")
@@ -528,6 +535,15 @@ def parse_args() -> argparse.Namespace:
             parser.error(str(error))
     if args.pairs < 3:
         parser.error("--pairs must be at least 3 (leave-one-out fits need 2 per side)")
+    configs: dict[str, dict[str, Any]] = {}
+    for item in args.config:
+        name, _, body = item.partition("=")
+        try:
+            configs[name] = json.loads(body)
+            METHODS[name].Config(**configs[name])
+        except (KeyError, TypeError, ValueError) as error:
+            parser.error(f"--config {item!r}: {error}")
+    args.configs = configs
     return args
 
 
@@ -542,7 +558,8 @@ def main() -> None:
     reference_train = SampleSet.concat(world.forget, world.pool)  # F's positions: 0..|F|-1
     config = {"train_size": args.train_size, "forget_fraction": args.forget_fraction,
               "recipe": recipe.to_dict(), "arch": SPEC, "methods": methods,
-              "references": args.references, "split_seed": SPLIT_SEED,
+              "references": args.references, "configs": args.configs,
+              "split_seed": SPLIT_SEED,
               "control_seed": CONTROL_SEED, "reference_seed": REFERENCE_SEED}
     stem = args.out_dir / f"deep-audit-{args.tag}"
     checkpoint = Checkpoint(output(stem, ".npz"), config, n_forget, len(reference_train),
@@ -584,7 +601,7 @@ def main() -> None:
         references = MethodReferences(forget=forget_out, unseen=unseen_out)
 
     for k in range(len(checkpoint.runs) + 1, args.pairs + 1):
-        phi, run = run_pair(k, world, recipe, methods, references)
+        phi, run = run_pair(k, world, recipe, methods, references, args.configs)
         checkpoint.add_pair(phi, run)
         summary = ", ".join(f"{name} {run['models'][name]['steps']} steps "
                             f"{run['models'][name]['seconds']:.1f} s" for name in methods)
@@ -598,7 +615,8 @@ def main() -> None:
     setup = {
         "tag": args.tag, "pairs": len(runs), "machine": host, "dataset": "fashion-mnist",
         "arch": SPEC, "recipe": recipe.to_dict(), "methods": methods,
-        "train_size": args.train_size, "forget_fraction": args.forget_fraction,
+        "configs": args.configs, "train_size": args.train_size,
+        "forget_fraction": args.forget_fraction,
         "n_forget": n_forget, "n_retain": world.n_retain, "n_pool": len(world.pool),
         "n_unseen": len(world.unseen), "n_test": len(world.test),
         "retain_eval": f"a fixed draw of up to {RETAIN_EVAL_SIZE} samples of R_k, seed k",
