@@ -282,9 +282,9 @@ class Match(UnlearningMethod):
                 stopped = "blind"
                 break
             next_check = step + steps_to_next_check(history, config, tolerance=rule.tolerance)
-        if stopped != "blind" and best_state is not None:
-            model.load_state_dict(best_state)  # the best useful checkpoint, not the last
-        elif stopped == "diverged":
-            model.load_state_dict(initial_state)
+        if stopped != "blind":
+            # the best useful checkpoint, not the last; none was useful (every check lost
+            # too much accuracy) or the loss diverged: the model as it started
+            model.load_state_dict(best_state if best_state is not None else initial_state)
         return RunOutcome(step, {**details, "stopped": stopped, "checks": history,
                                  "best_attack_gap": best_gap})
