@@ -227,9 +227,11 @@ def candidate_passed(
 
 def complete_unchanged(db_session: Session, *, job_id: str, attempt: int, signer: Signer,
                        report: dict[str, Any], forgotten: dict[int, str]) -> ModelVersion:
-    """Complete a job whose requests cover no training sample of the model (a subject's
-    holdout or test images, say): the served version never saw them, so it stands as the
-    version of record; the samples are still tombstoned and wiped."""
+    """Complete a job on the served version, which stands as the version of record: its
+    requests cover no training sample of the model (a subject's holdout or test images, say:
+    the version never saw them), or the method left the weights unchanged and passed
+    verification where the policy allows it (`publish_unchanged`). The samples are still
+    tombstoned and wiped."""
     job, _, base = _lock_for_completion(db_session, job_id, attempt,
                                         write="complete_unchanged")
     _complete(db_session, job, base, forgotten=forgotten, signer=signer, report=report)
