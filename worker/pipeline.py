@@ -147,8 +147,7 @@ def _execute(ctx: WorkerContext, job_id: str, attempt: int) -> JobOutcome:
             raise ArtifactCorrupted(f"{model.name} v{base.number}: sha256 mismatch")
         architecture, base_sha = model.architecture, base.sha256
         level, scenario_key = job.escalation_level, scenario_for(job).label()
-        gate_references = load_gate_references(db_session, model, data)
-        method_references = load_method_references(db_session, model, data)
+        gate_references, method_references = load_references(db_session, model, data)
     if len(data.forget) == 0:
         nothing = VerificationReport(scenario=data.scenario.to_dict(), n_forget=0, passed=True,
                                      per_sample_note="no training sample of the model is "
@@ -246,31 +245,24 @@ def _rows(db_session: Session, job_id: str
     return job, model, base, dataset
 
 
-def load_gate_references(db_session: Session, model: Model, data: JobData
-                         ) -> GateReferences | None:
-    """The gate half of the model's ready reference set for the job's forget and audit
-    samples, or None when it has none (the report then says `population-only`)."""
+def load_references(db_session: Session, model: Model, data: JobData
+                    ) -> tuple[GateReferences | None, MethodReferences | None]:
+    """The model's ready reference set, split as the engine splits it: the gate half for the
+    job's forget and audit samples (the verifier's), the method half for its forget and
+    unseen samples (what a method such as `match` may read). (None, None) when it has none:
+    the report then says `population-only`."""
     reference_set = references.ready_set(db_session, model_id=model.id)
     if reference_set is None or not data.forget_ids:
-        return None
-    forget_out, holdout_out = references.gate_statistics(
+        return None, None
+    forget_out, audit_out = references.gate_statistics(
         db_session, reference_set=reference_set, forget_ids=data.forget_ids,
         holdout_ids=data.audit_ids)
-    return GateReferences(forget_out, holdout_out, data.forget_requests,
-                          reference_set=reference_set.id)
-
-
-def load_method_references(db_session: Session, model: Model, data: JobData
-                           ) -> MethodReferences | None:
-    """The method half of the model's ready reference set for the job's forget and unseen
-    samples (what a method such as `match` may read), or None when it has none."""
-    reference_set = references.ready_set(db_session, model_id=model.id)
-    if reference_set is None or not data.forget_ids:
-        return None
-    forget_out, unseen_out = references.method_statistics(
+    method_forget, method_unseen = references.method_statistics(
         db_session, reference_set=reference_set, forget_ids=data.forget_ids,
         unseen_ids=data.unseen_ids)
-    return MethodReferences(forget=forget_out, unseen=unseen_out)
+    return (GateReferences(forget_out, audit_out, data.forget_requests,
+                           reference_set=reference_set.id),
+            MethodReferences(forget=method_forget, unseen=method_unseen))
 
 
 def method_for(policy: Policy, level: int) -> tuple[str, MethodConfig]:

@@ -162,12 +162,9 @@ def check_reference_count(k: int) -> int:
     return check(k)
 
 
-def reference_rows(k: int, half: str) -> range:
+def reference_rows(k: int, half: str) -> list[int]:
     """The indices of a ``k``-model reference set's ``half`` (``"gate"`` or ``"method"``),
     by the engine's rule (``half_of``)."""
     from unlearning.verification.references import half_of
 
-    rows = range(k)
-    chosen = range(0, k // 2) if half == "gate" else range(k // 2, k)
-    assert all(half_of(index, k) == half for index in chosen) and len(chosen) * 2 == len(rows)
-    return chosen
+    return [index for index in range(k) if half_of(index, k) == half]

@@ -158,21 +158,20 @@ def _half_statistics(db_session: Session, reference_set: ReferenceSet, half: str
                      forget_ids: Sequence[int], holdout_ids: Sequence[int]
                      ) -> tuple[np.ndarray, np.ndarray]:
     rows = reference_rows(reference_set.n_references, half)
-    first, rows_of_half = rows.start, len(rows)
+    row_of = {index: row for row, index in enumerate(rows)}
 
     def matrix(ids: Sequence[int]) -> np.ndarray:
-        values = np.full((rows_of_half, len(ids)), np.nan)
+        values = np.full((len(rows), len(ids)), np.nan)
         position = {sample_id: i for i, sample_id in enumerate(ids)}
         for chunk in range(0, len(ids), 5000):
-            rows = db_session.execute(
+            found = db_session.execute(
                 select(ReferenceStatistic.sample_id, ReferenceStatistic.reference_index,
                        ReferenceStatistic.phi)
                 .where(ReferenceStatistic.set_id == reference_set.id,
-                       ReferenceStatistic.reference_index >= first,
-                       ReferenceStatistic.reference_index < first + rows_of_half,
+                       ReferenceStatistic.reference_index.in_(rows),
                        ReferenceStatistic.sample_id.in_(ids[chunk:chunk + 5000])))
-            for sample_id, index, phi in rows:
-                values[index - first, position[sample_id]] = phi
+            for sample_id, index, phi in found:
+                values[row_of[index], position[sample_id]] = phi
         return values
 
     return matrix(forget_ids), matrix(holdout_ids)

@@ -110,17 +110,17 @@ def test_reference_job_gates_requests_and_backs_certificates(
         created = [job.id for job in scheduled.plan_batches(db_session)]
     assert len(created) == 1
     handed: list[Any] = []
-    real_load = pipeline.load_method_references
+    real_load = pipeline.load_references
 
     def recorded_load(db_session: Any, model: Any, data: Any) -> Any:
         phi_before = {(sample_id, index): phi for sample_id, index, phi in db_session.execute(
             select(ReferenceStatistic.sample_id, ReferenceStatistic.reference_index,
                    ReferenceStatistic.phi))}  # before the job erases the forgotten ones'
-        handed.append((real_load(db_session, model, data), data.forget_ids, data.unseen_ids,
-                       phi_before))
-        return handed[-1][0]
+        loaded = real_load(db_session, model, data)
+        handed.append((loaded[1], data.forget_ids, data.unseen_ids, phi_before))
+        return loaded
 
-    monkeypatch.setattr(pipeline, "load_method_references", recorded_load)
+    monkeypatch.setattr(pipeline, "load_references", recorded_load)
     assert pipeline.run(ctx, created[0]) == "published"
     # The method was handed the method half (references 4 to 7) for its forget and unseen
     # samples, never the gate's.
